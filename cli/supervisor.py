@@ -1,0 +1,142 @@
+"""The daemon's supervisor (I/O): one asyncio.TaskGroup over balf's parts, signals, systemd.
+
+Every part is ``async def part(config, engine, stop: asyncio.Event) -> None`` and returns
+soon after ``stop`` is set. SIGTERM/SIGINT stop all parts; SIGHUP re-reads the configuration
+and restarts only the parts whose sections changed (an invalid file is refused and the
+running configuration kept). A part that crashes stops the daemon with a non-zero exit,
+like a failed unit, rather than running half a gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, fields
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from balf.cli.logs import setup_logging
+from balf.config.loader import ConfigError, load_config
+from balf.config.schema import Config
+from balf.db.engine import create_engine
+from balf.db.migrate import current, upgrade
+
+log = logging.getLogger("balf.daemon")
+
+Part = Callable[[Config, AsyncEngine, asyncio.Event], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """A named part and the configuration sections it depends on."""
+
+    name: str
+    run: Part
+    sections: tuple[str, ...]
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd", extra={"error": str(exc)})
+
+
+def changed_sections(old: Config, new: Config) -> set[str]:
+    return {f.name for f in fields(Config) if getattr(old, f.name) != getattr(new, f.name)}
+
+
+class Supervisor:
+    """Runs the parts; restarts some of them on reload; stops them all on a signal."""
+
+    def __init__(self, config: Config, config_path: str | None, parts: list[PartSpec]) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.parts = parts
+        self.stopping = asyncio.Event()
+        self._part_stops: dict[str, asyncio.Event] = {}
+        self._reload = asyncio.Event()
+
+    async def run(self) -> None:
+        engine = create_engine(self.config.database_url, pool_size=self.config.database.pool_size)
+        try:
+            await self._prepare_database(engine)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_stop, sig)
+            loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+            async with asyncio.TaskGroup() as group:
+                for spec in self.parts:
+                    group.create_task(self._keep_running(spec), name=spec.name)
+                group.create_task(self._watch_reload(), name="reload")
+                sd_notify("READY=1\nSTATUS=running")
+                log.info("balf ready", extra={"parts": ",".join(p.name for p in self.parts)})
+        finally:
+            sd_notify("STOPPING=1")
+            await engine.dispose()
+            log.info("balf stopped")
+
+    async def _prepare_database(self, engine: AsyncEngine) -> None:
+        if self.config.database.auto_upgrade:
+            await upgrade(engine)
+        rev, head = await current(engine)
+        if rev != head:
+            raise ConfigError(f"the database is at revision {rev or 'none'}, not {head}: "
+                              "run `balf db upgrade` or set [database] auto_upgrade = true")
+        self.engine = engine
+
+    def _on_stop(self, sig: signal.Signals) -> None:
+        log.info("stopping", extra={"signal": sig.name})
+        self.stopping.set()
+        for event in self._part_stops.values():
+            event.set()
+        self._reload.set()  # wake the reload watcher so it ends too
+
+    async def _keep_running(self, spec: PartSpec) -> None:
+        """Run one part; run it again after a reload asked it to stop."""
+        while not self.stopping.is_set():
+            stop = self._part_stops[spec.name] = asyncio.Event()
+            log.info("part starting", extra={"part": spec.name})
+            await spec.run(self.config, self.engine, stop)
+            log.info("part stopped", extra={"part": spec.name})
+            if not stop.is_set():
+                raise RuntimeError(f"part {spec.name} ended on its own")
+
+    async def _watch_reload(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            if self.stopping.is_set():
+                return
+            self.reload()
+
+    def reload(self) -> None:
+        """Re-read the configuration; restart the parts whose sections changed."""
+        sd_notify("RELOADING=1")
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("configuration refused, keeping the running one", extra={"error": str(exc)})
+            sd_notify("READY=1")
+            return
+        changed = changed_sections(self.config, new)
+        self.config = new
+        setup_logging(new.log.level, new.log.format)
+        for spec in self.parts:
+            if changed & set(spec.sections):
+                log.info("restarting part for new configuration", extra={"part": spec.name})
+                self._part_stops[spec.name].set()
+        log.info("configuration reloaded", extra={"changed": ",".join(sorted(changed)) or "nothing"})
+        sd_notify("READY=1")

@@ -1,0 +1,41 @@
+"""Run the Alembic migrations programmatically (I/O): `balf db upgrade` and `balf db current`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def alembic_config(url: str) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
+    """Bring the schema up to ``revision`` inside one connection."""
+    async with engine.begin() as conn:
+        await conn.run_sync(_upgrade_sync, str(engine.url.render_as_string(hide_password=False)),
+                            revision)
+
+
+def _upgrade_sync(connection: object, url: str, revision: str) -> None:
+    cfg = alembic_config(url)
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, revision)
+
+
+async def current(engine: AsyncEngine) -> tuple[str | None, str]:
+    """(the revision the database is at or None if never migrated, the latest revision)."""
+    head = ScriptDirectory.from_config(alembic_config(str(engine.url))).get_current_head() or ""
+    async with engine.connect() as conn:
+        rev = await conn.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())
+    return rev, head
