@@ -1,10 +1,295 @@
-"""`balf bascule`: the migration campaign of Lotus-style BALF into IMAP."""
+"""`balf bascule`: the migration campaign of Lotus-style BALF into IMAP (thin shells over balf.bridge)."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
 import click
+from balf.bridge import report as reports
+from balf.bridge import store
+from balf.bridge.campaign import check_department, parse_campaign
+from balf.bridge.errors import BridgeError
+from balf.bridge.migrate import JobOutcome, RunSettings, TargetAccess, run_department
+from balf.bridge.progress import TerminalProgress
+from balf.bridge.verify import verify_job
+from balf.cli.context import fail, run_async, state
+from balf.config.schema import Config
+from balf.db.engine import create_engine, session_factory
+from balf.db.migrate import upgrade
+from balf.db.models import BasculeState
+
+STATE_ORDER = [BasculeState.PLANIFIEE, BasculeState.EN_COURS, BasculeState.MIGREE, BasculeState.VERIFIEE,
+               BasculeState.EN_ERREUR]
 
 
 @click.group("bascule")
 def command() -> None:
-    """Migrate BALF mailboxes into IMAP, department by department (plan, run, status, verify)."""
+    """Migrate BALF mailboxes into IMAP, department by department (plan, run, status, verify, report)."""
+
+
+def _department(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_department(value)
+    except BridgeError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+async def _with_db(config: Config, fn: Any, *args: Any) -> Any:
+    engine = create_engine(config.database_url, pool_size=config.database.pool_size)
+    try:
+        if config.database.auto_upgrade:
+            await upgrade(engine)
+        return await fn(session_factory(engine), *args)
+    finally:
+        await engine.dispose()
+
+
+def _access(config: Config) -> TargetAccess:
+    return TargetAccess(config.imap.host, config.imap.port, config.imap.tls, config.imap.master_user,
+                        config.imap.master_password, timeout=max(config.imap.timeout, 60.0))
+
+
+def _report_dir(config: Config, output: str | None) -> Path:
+    return Path(output or config.bascule.report_dir or f"{config.data_dir}/bascule")
+
+
+@command.command("plan")
+@click.option("--department", "-d", required=True, help="INSEE department code (33, 2A, 971).")
+@click.argument("campaign_file", type=click.Path(exists=True, dir_okay=False))
+@click.pass_context
+def plan_command(ctx: click.Context, department: str, campaign_file: str) -> None:
+    """Record the department's mailboxes from CAMPAIGN_FILE (CSV: mailbox;source;target_account;planned_date;options)."""
+    config = state(ctx).config()
+    dept = _department(department) or ""
+    try:
+        planned = parse_campaign(Path(campaign_file).read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        fail(f"{campaign_file}: not UTF-8 text (save the CSV as UTF-8)", 2)
+    except BridgeError as exc:
+        fail(f"{campaign_file}: {exc}", 2)
+    created, updated, kept = run_async(_with_db, config, store.plan_department, dept, planned)
+    click.echo(f"département {dept}: {len(planned)} boîtes au plan, {created} ajoutées, {updated} mises à jour")
+    for name in kept:
+        click.echo(f"  {name}: déjà commencée, source et compte cible inchangés", err=True)
+
+
+@command.command("run")
+@click.option("--department", "-d", required=True, help="INSEE department code.")
+@click.option("--mailbox", "-m", "mailboxes", multiple=True, help="Only this mailbox (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Show what would be copied; write nothing anywhere.")
+@click.option("--connections", type=click.IntRange(1, 32), help="IMAP connections per mailbox to the target.")
+@click.option("--parallel", type=click.IntRange(1, 64), help="Mailboxes migrated at the same time.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines (they are off anyway when not on a terminal).")
+@click.option("--again", is_flag=True, help="Include mailboxes already verified (copies only what is new).")
+@click.pass_context
+def run_command(ctx: click.Context, department: str, mailboxes: tuple[str, ...], dry_run: bool,
+                connections: int | None, parallel: int | None, quiet: bool, again: bool) -> None:
+    """Copy the department's mailboxes (resuming where a previous run stopped)."""
+    config = state(ctx).config()
+    dept = _department(department) or ""
+    settings = RunSettings(connections=connections or config.bascule.connections_per_mailbox,
+                           batch_messages=config.bascule.batch_messages, batch_bytes=config.bascule.batch_bytes,
+                           max_message_size=config.bascule.max_message_size, dry_run=dry_run,
+                           lease=dt.timedelta(seconds=config.bascule.lease_seconds))
+    progress = TerminalProgress(enabled=False if quiet else None)
+
+    async def go(sessions: store.Sessions) -> list[JobOutcome]:
+        jobs = await store.list_jobs(sessions, dept)
+        if mailboxes:
+            unknown = sorted(set(mailboxes) - {j.mailbox for j in jobs})
+            if unknown:
+                fail(f"not in the plan of department {dept}: {', '.join(unknown)}", 2)
+            jobs = [j for j in jobs if j.mailbox in mailboxes]
+        elif not again:
+            jobs = [j for j in jobs if j.state is not BasculeState.VERIFIEE]
+        if not jobs:
+            fail(f"department {dept}: nothing to run (plan it with `balf bascule plan`)", 2)
+        return await run_department(sessions, jobs, settings, _access(config),
+                                    parallel or config.bascule.mailboxes_in_parallel, progress)
+
+    outcomes = run_async(_with_db, config, go)
+    _print_outcomes(outcomes, dry_run)
+    codes = [o.exit_code for o in outcomes if o.exit_code]
+    if codes:
+        sys.exit(113 if 113 in codes else max(codes))
+
+
+def _print_outcomes(outcomes: list[JobOutcome], dry_run: bool) -> None:
+    verb = "à copier" if dry_run else "copiés"
+    total_copied = total_bytes = 0
+    seconds = max((o.seconds for o in outcomes), default=0.0)
+    for o in outcomes:
+        total_copied += o.copied
+        total_bytes += o.bytes
+        rate = o.copied / o.seconds if o.seconds > 0 else 0.0
+        click.echo(f"{o.mailbox}: {o.state.value if not dry_run else 'simulation'} - {o.copied} {verb}, "
+                   f"{o.skipped} déjà présents, {o.failed} signalés, {o.bytes / 1_000_000:.1f} Mo "
+                   f"en {o.seconds:.1f} s ({rate:.0f} msg/s)")
+        if dry_run or o.failed or o.message:
+            for f in o.folders:
+                if not f.target:
+                    click.echo(f"  {f.source}: ignoré (vue Domino ou exclu)")
+                else:
+                    created = " (à créer)" if dry_run else (" (créé)" if f.created else "")
+                    click.echo(f"  {f.source} -> {f.target}{created}: {f.copied} {verb}, {f.skipped} déjà présents, "
+                               f"{f.failed} signalés")
+        if o.message:
+            click.echo(f"balf: {o.message}", err=True)
+    if len(outcomes) > 1:
+        click.echo(f"total: {total_copied} messages {verb}, {total_bytes / 1_000_000:.1f} Mo en {seconds:.1f} s")
+
+
+@command.command("status")
+@click.option("--department", "-d", help="Only this department.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def status_command(ctx: click.Context, department: str | None, as_json: bool) -> None:
+    """Where the campaign stands: state, counts, sizes and durations per mailbox."""
+    config = state(ctx).config()
+    jobs = run_async(_with_db, config, store.list_jobs, _department(department))
+    if as_json:
+        click.echo(json.dumps([_job_dict(j) for j in jobs], ensure_ascii=False, indent=2))
+        return
+    if not jobs:
+        click.echo("aucune boîte planifiée" + (f" pour le département {department}" if department else ""))
+        return
+    current = None
+    for job in jobs:
+        if job.department != current:
+            current = job.department
+            dept_jobs = [j for j in jobs if j.department == current]
+            counts = Counter(j.state for j in dept_jobs)
+            summary = ", ".join(f"{counts[s]} {s.value}" for s in STATE_ORDER if counts[s])
+            click.echo(f"département {current}: {len(dept_jobs)} boîtes - {summary}")
+            click.echo(f"  {'boîte':<24} {'état':<11} {'prévue':<10} {'messages':>15} {'taille':>10} {'durée':>9}  erreurs")
+        d = _job_dict(job)
+        total = f"{job.messages_copied}/{job.messages_total or '?'}"
+        click.echo(f"  {job.mailbox[:24]:<24} {job.state.value:<11} {d['planned_date'] or '-':<10} {total:>15} "
+                   f"{job.bytes_copied / 1_000_000:>8.1f}Mo {_duration(d['seconds']):>9}  {job.errors}"
+                   + (f"  ({job.last_error})" if job.last_error and job.state is BasculeState.EN_ERREUR else ""))
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _job_dict(job: Any) -> dict[str, Any]:
+    seconds = None
+    if job.started_at and job.finished_at:
+        seconds = (job.finished_at - job.started_at).total_seconds()
+    return {"department": job.department, "mailbox": job.mailbox, "state": job.state.value,
+            "planned_date": job.planned_date.isoformat() if job.planned_date else None,
+            "target_account": job.target_account, "messages_total": job.messages_total,
+            "messages_copied": job.messages_copied, "bytes_copied": job.bytes_copied, "errors": job.errors,
+            "started_at": job.started_at.isoformat() if job.started_at else None,
+            "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+            "verified_at": job.verified_at.isoformat() if job.verified_at else None,
+            "seconds": seconds, "last_error": job.last_error}
+
+
+async def _snapshots(sessions: store.Sessions, dept: str, mailboxes: tuple[str, ...]) -> list[reports.JobReport]:
+    result = []
+    for job in await store.list_jobs(sessions, dept):
+        if mailboxes and job.mailbox not in mailboxes:
+            continue
+        result.append(reports.snapshot(job, await store.folders_of(sessions, job.id), await store.issues_of(sessions, job.id)))
+    return result
+
+
+def _write_reports(snaps: list[reports.JobReport], directory: Path, stem: str) -> list[Path]:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = [directory / f"{stem}.txt", directory / f"{stem}.csv", directory / f"{stem}-anomalies.csv",
+                 directory / f"{stem}.json"]
+        paths[0].write_text(reports.render_text(snaps), encoding="utf-8")
+        paths[1].write_bytes(reports.render_csv(snaps))
+        paths[2].write_bytes(reports.render_issues_csv(snaps))
+        paths[3].write_text(reports.render_json(snaps), encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot write the report in {directory}: {exc}")
+    return paths
+
+
+@command.command("verify")
+@click.option("--department", "-d", required=True, help="INSEE department code.")
+@click.option("--mailbox", "-m", "mailboxes", multiple=True, help="Only this mailbox (repeatable).")
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Report directory (default: bascule.report_dir).")
+@click.pass_context
+def verify_command(ctx: click.Context, department: str, mailboxes: tuple[str, ...], output: str | None) -> None:
+    """Compare source and target folder by folder (counts, Message-ID sets) and write the report."""
+    config = state(ctx).config()
+    dept = _department(department) or ""
+
+    async def go(sessions: store.Sessions) -> tuple[list[tuple[str, Any, str | None]], list[reports.JobReport]]:
+        results = []
+        for job in await store.list_jobs(sessions, dept):
+            if mailboxes and job.mailbox not in mailboxes:
+                continue
+            if job.state is BasculeState.PLANIFIEE:
+                results.append((job.mailbox, None, "pas encore migrée"))
+                continue
+            verdicts, error = await verify_job(sessions, job.id, _access(config))
+            results.append((job.mailbox, verdicts, error))
+        return results, await _snapshots(sessions, dept, mailboxes)
+
+    results, snaps = run_async(_with_db, config, go)
+    if not results:
+        fail(f"department {dept}: no mailbox to verify", 2)
+    bad = 0
+    for mailbox, verdicts, error in results:
+        if error or verdicts is None:
+            bad += 1
+            click.echo(f"{mailbox}: NON VÉRIFIÉE - {error}")
+            continue
+        ok = all(v.ok for v in verdicts)
+        bad += 0 if ok else 1
+        click.echo(f"{mailbox}: {'vérifiée' if ok else 'ÉCARTS'}")
+        for v in verdicts:
+            line = (f"  {v.target}: source {v.source_count}, cible {v.target_count}, manquants {len(v.missing)}, "
+                    f"expliqués {len(v.explained)}, en plus dans la cible {len(v.extra)}")
+            if v.duplicates:
+                line += f", doublons source {v.duplicates}"
+            click.echo(line)
+            for key in v.missing[:10]:
+                click.echo(f"    manquant: {key}")
+    stem = f"bascule-{dept}" + (f"-{'-'.join(mailboxes)}" if len(mailboxes) == 1 else "")
+    paths = _write_reports(snaps, _report_dir(config, output), stem)
+    click.echo(f"rapport: {', '.join(str(p) for p in paths)}")
+    if bad:
+        click.echo("les messages manquants seront recopiés par `balf bascule run` (puis revérifier)", err=True)
+        sys.exit(1)
+
+
+@command.command("report")
+@click.option("--department", "-d", required=True, help="INSEE department code.")
+@click.option("--mailbox", "-m", "mailboxes", multiple=True, help="Only this mailbox (repeatable).")
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Write text, CSV and JSON files here.")
+@click.option("--format", "fmt", type=click.Choice(["text", "csv", "json"]), default="text",
+              help="What to print when no --output is given.")
+@click.pass_context
+def report_command(ctx: click.Context, department: str, mailboxes: tuple[str, ...], output: str | None, fmt: str) -> None:
+    """Print (or write) the department's bascule report from the recorded state."""
+    config = state(ctx).config()
+    dept = _department(department) or ""
+    snaps = run_async(_with_db, config, _snapshots, dept, mailboxes)
+    if not snaps:
+        fail(f"department {dept}: nothing planned", 2)
+    if output:
+        paths = _write_reports(snaps, Path(output), f"bascule-{dept}")
+        click.echo(f"rapport: {', '.join(str(p) for p in paths)}")
+    elif fmt == "csv":
+        click.get_binary_stream("stdout").write(reports.render_csv(snaps))
+    elif fmt == "json":
+        click.echo(reports.render_json(snaps))
+    else:
+        click.echo(reports.render_text(snaps))

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import click
-
 from balf.config.loader import ConfigError, load_config
 from balf.config.schema import Config
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import click
-from sqlalchemy.exc import SQLAlchemyError
-
 from balf.cli.context import fail, run_async, state
 from balf.db.engine import create_engine
 from balf.db.migrate import current, upgrade
+from sqlalchemy.exc import SQLAlchemyError
 
 
 @click.group("db")

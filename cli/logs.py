@@ -1,9 +1,9 @@
 """Structured logging for the daemon and the CLI (configures the stdlib logging at the edge).
 
-One event per line: a timestamp, the level, the logger, the message and every ``extra``
-field as key=value (or one JSON object per line). Code logs with
-``log.info("delivered", extra={"spool_id": ..., "message_id": ...})`` so that every line
-about a message carries its ids. Values named like secrets are never written.
+One event per line (logfmt): a timestamp, the level, the logger, then ``event=NAME`` and
+key=value pairs. Code logs ``log.info("event=smtp.accepted spool_id=%s size=%d", ...)``, so
+that every line about a message carries its ids, or passes fields in ``extra=``; a free-text
+message is written as ``msg="..."``. Extra fields named like secrets are never written.
 """
 
 from __future__ import annotations
@@ -39,10 +39,13 @@ def _quote(value: Any) -> str:
 
 
 class KeyValueFormatter(logging.Formatter):
-    """``2026-11-25T10:00:00.000+00:00 INFO balf.gateway.smtp accepted spool_id=... size=...``"""
+    """``2026-11-25T10:00:00.000+00:00 INFO balf.gateway.smtp event=smtp.accepted spool_id=...``"""
 
     def format(self, record: logging.LogRecord) -> str:
-        parts = [_timestamp(record), record.levelname, record.name, _quote(record.getMessage())]
+        message = record.getMessage()
+        if not message.startswith("event=") or "\n" in message:
+            message = f"msg={_quote(message)}"
+        parts = [_timestamp(record), record.levelname, record.name, message]
         parts += [f"{k}={_quote(v)}" for k, v in _fields(record).items()]
         if record.exc_info:
             parts.append(f"error={_quote(self.formatException(record.exc_info))}")

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import click
-
-from balf.cli import bascule, database, init, serve, service, spool
+from balf.cli import bascule, database, demo, init, serve, service, spool
 from balf.cli.context import CliState
 
 
@@ -22,7 +21,7 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
     ctx.obj = CliState(config_path)
 
 
-for module in (init, database, serve, service, spool, bascule):
+for module in (init, database, serve, service, spool, bascule, demo):
     cli.add_command(module.command)
 
 

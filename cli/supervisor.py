@@ -17,13 +17,12 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from balf.cli.logs import setup_logging
 from balf.config.loader import ConfigError, load_config
 from balf.config.schema import Config
 from balf.db.engine import create_engine
 from balf.db.migrate import current, upgrade
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger("balf.daemon")
 
@@ -51,7 +50,7 @@ def sd_notify(message: str) -> None:
             sock.connect(address)
             sock.sendall(message.encode())
     except OSError as exc:
-        log.warning("cannot notify systemd", extra={"error": str(exc)})
+        log.warning("event=daemon.notify_failed error=%r", str(exc))
 
 
 def changed_sections(old: Config, new: Config) -> set[str]:
@@ -82,11 +81,11 @@ class Supervisor:
                     group.create_task(self._keep_running(spec), name=spec.name)
                 group.create_task(self._watch_reload(), name="reload")
                 sd_notify("READY=1\nSTATUS=running")
-                log.info("balf ready", extra={"parts": ",".join(p.name for p in self.parts)})
+                log.info("event=daemon.ready parts=%s", ",".join(p.name for p in self.parts))
         finally:
             sd_notify("STOPPING=1")
             await engine.dispose()
-            log.info("balf stopped")
+            log.info("event=daemon.stopped")
 
     async def _prepare_database(self, engine: AsyncEngine) -> None:
         if self.config.database.auto_upgrade:
@@ -98,7 +97,7 @@ class Supervisor:
         self.engine = engine
 
     def _on_stop(self, sig: signal.Signals) -> None:
-        log.info("stopping", extra={"signal": sig.name})
+        log.info("event=daemon.stopping signal=%s", sig.name)
         self.stopping.set()
         for event in self._part_stops.values():
             event.set()
@@ -108,9 +107,9 @@ class Supervisor:
         """Run one part; run it again after a reload asked it to stop."""
         while not self.stopping.is_set():
             stop = self._part_stops[spec.name] = asyncio.Event()
-            log.info("part starting", extra={"part": spec.name})
+            log.info("event=part.starting part=%s", spec.name)
             await spec.run(self.config, self.engine, stop)
-            log.info("part stopped", extra={"part": spec.name})
+            log.info("event=part.stopped part=%s", spec.name)
             if not stop.is_set():
                 raise RuntimeError(f"part {spec.name} ended on its own")
 
@@ -128,7 +127,7 @@ class Supervisor:
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
-            log.error("configuration refused, keeping the running one", extra={"error": str(exc)})
+            log.error("event=config.refused kept=running error=%r", str(exc))
             sd_notify("READY=1")
             return
         changed = changed_sections(self.config, new)
@@ -136,7 +135,7 @@ class Supervisor:
         setup_logging(new.log.level, new.log.format)
         for spec in self.parts:
             if changed & set(spec.sections):
-                log.info("restarting part for new configuration", extra={"part": spec.name})
+                log.info("event=part.restarting part=%s reason=config", spec.name)
                 self._part_stops[spec.name].set()
-        log.info("configuration reloaded", extra={"changed": ",".join(sorted(changed)) or "nothing"})
+        log.info("event=config.reloaded changed=%s", ",".join(sorted(changed)) or "nothing")
         sd_notify("READY=1")
