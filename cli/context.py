@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
@@ -21,11 +21,9 @@ EXIT_FAILURE = 1
 class UserError(click.ClickException):
     """A problem the user can fix; printed as one line without a traceback."""
 
-    exit_code = EXIT_FAILURE
-
     def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click declares it on the class
 
     def show(self, file: Any = None) -> None:
         click.echo(f"balf: {self.format_message()}", err=True)
@@ -53,13 +51,13 @@ def fail(message: str, exit_code: int = EXIT_FAILURE) -> NoReturn:
 
 
 def state(ctx: click.Context) -> CliState:
-    return ctx.ensure_object(CliState)  # type: ignore[no-any-return]
+    return ctx.ensure_object(CliState)
 
 
-def run_async(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+def run_async(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
     """Run a coroutine for a command; Ctrl-C ends it with the conventional exit code 130."""
     try:
-        return asyncio.run(fn(*args, **kwargs))  # type: ignore[arg-type]
+        return asyncio.run(fn(*args, **kwargs))
     except KeyboardInterrupt:
         click.echo("balf: interrupted", err=True)
         sys.exit(130)

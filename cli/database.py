@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
+from typing import Any
+from typing import TypeVar
+
 import click
 from balf.cli.context import fail, run_async, state
 from balf.db.engine import create_engine
 from balf.db.migrate import current, upgrade
+
+T = TypeVar("T")
 from sqlalchemy.exc import SQLAlchemyError
 
 
@@ -50,8 +56,9 @@ def current_command(ctx: click.Context) -> None:
     click.echo(f"{rev} ({'latest' if rev == head else f'out of date, latest is {head}'})")
 
 
-def _guard(fn):  # type: ignore[no-untyped-def]
+def _guard(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     try:
         return run_async(fn)
     except (SQLAlchemyError, OSError) as exc:
         fail(f"cannot use the database: {str(exc).splitlines()[0]}; check [database] url")
+    raise AssertionError("unreachable")  # pragma: no cover

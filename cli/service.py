@@ -29,7 +29,8 @@ def _with_session(ctx: click.Context, fn: Callable[[Any], Awaitable[T]]) -> T:
         engine = create_engine(url)
         try:
             async with session_factory(engine)() as session, session.begin():
-                return await fn(session)
+                result: T = await fn(session)
+                return result
         finally:
             await engine.dispose()
     return run_async(go)

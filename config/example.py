@@ -30,7 +30,7 @@ def render_example(overrides: dict[str, Any] | None = None) -> str:
             continue
         lines += _key_lines(f, overrides.get(f.name, f.default))
     for section in sections:
-        instance = section.default_factory()  # type: ignore[misc]
+        instance = section.default_factory()  # type: ignore[operator]
         lines.append("")
         lines.append(f"# {type(instance).__doc__.strip()}")  # type: ignore[union-attr]
         lines.append(f"[{section.name}]")

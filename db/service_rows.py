@@ -9,8 +9,8 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
-from email.headerregistry import Address
 from email.errors import HeaderParseError
+from email.headerregistry import Address
 
 from balf.db.departments import normalize_department
 from balf.db.models import ServiceKind
@@ -60,7 +60,10 @@ def parse_address(text: str) -> str | None:
 def validate_row(line: int, values: dict[str, str]) -> tuple[ServiceRow | None, list[RowError]]:
     """One row's values -> a ServiceRow, or the list of what is wrong with it."""
     errors: list[RowError] = []
-    get = lambda k: (values.get(k) or "").strip()  # noqa: E731
+
+    def get(name: str) -> str:
+        return (values.get(name) or "").strip()
+
     code = get("code")
     if not code:
         errors.append(RowError(line, "code", "missing service code"))
