@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from balf.bridge import report as reports
 from balf.bridge import store
 from balf.bridge.campaign import check_department, parse_campaign
@@ -20,11 +21,16 @@ from balf.bridge.verify import verify_job
 from balf.cli.context import fail, run_async, state
 from balf.config.schema import Config
 from balf.db.engine import create_engine, session_factory
-from balf.db.migrate import upgrade
+from balf.db.migrate import current, upgrade
 from balf.db.models import BasculeState
 
-STATE_ORDER = [BasculeState.PLANIFIEE, BasculeState.EN_COURS, BasculeState.MIGREE, BasculeState.VERIFIEE,
-               BasculeState.EN_ERREUR]
+STATE_ORDER = [
+    BasculeState.PLANIFIEE,
+    BasculeState.EN_COURS,
+    BasculeState.MIGREE,
+    BasculeState.VERIFIEE,
+    BasculeState.EN_ERREUR,
+]
 
 
 @click.group("bascule")
@@ -45,15 +51,23 @@ async def _with_db(config: Config, fn: Any, *args: Any) -> Any:
     engine = create_engine(config.database_url, pool_size=config.database.pool_size)
     try:
         if config.database.auto_upgrade:
-            await upgrade(engine)
+            revision, head = await current(engine)
+            if revision != head:
+                await upgrade(engine)
         return await fn(session_factory(engine), *args)
     finally:
         await engine.dispose()
 
 
 def _access(config: Config) -> TargetAccess:
-    return TargetAccess(config.imap.host, config.imap.port, config.imap.tls, config.imap.master_user,
-                        config.imap.master_password, timeout=max(config.imap.timeout, 60.0))
+    return TargetAccess(
+        config.imap.host,
+        config.imap.port,
+        config.imap.tls,
+        config.imap.master_user,
+        config.imap.master_password,
+        timeout=max(config.imap.timeout, 60.0),
+    )
 
 
 def _report_dir(config: Config, output: str | None) -> Path:
@@ -65,7 +79,10 @@ def _report_dir(config: Config, output: str | None) -> Path:
 @click.argument("campaign_file", type=click.Path(exists=True, dir_okay=False))
 @click.pass_context
 def plan_command(ctx: click.Context, department: str, campaign_file: str) -> None:
-    """Record the department's mailboxes from CAMPAIGN_FILE (CSV: mailbox;source;target_account;planned_date;options)."""
+    """Record the department's mailboxes from CAMPAIGN_FILE.
+
+    CSV with a header: mailbox;source;target_account;planned_date;options (see docs/bascule.md).
+    """
     config = state(ctx).config()
     dept = _department(department) or ""
     try:
@@ -89,15 +106,27 @@ def plan_command(ctx: click.Context, department: str, campaign_file: str) -> Non
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines (they are off anyway when not on a terminal).")
 @click.option("--again", is_flag=True, help="Include mailboxes already verified (copies only what is new).")
 @click.pass_context
-def run_command(ctx: click.Context, department: str, mailboxes: tuple[str, ...], dry_run: bool,
-                connections: int | None, parallel: int | None, quiet: bool, again: bool) -> None:
+def run_command(
+    ctx: click.Context,
+    department: str,
+    mailboxes: tuple[str, ...],
+    dry_run: bool,
+    connections: int | None,
+    parallel: int | None,
+    quiet: bool,
+    again: bool,
+) -> None:
     """Copy the department's mailboxes (resuming where a previous run stopped)."""
     config = state(ctx).config()
     dept = _department(department) or ""
-    settings = RunSettings(connections=connections or config.bascule.connections_per_mailbox,
-                           batch_messages=config.bascule.batch_messages, batch_bytes=config.bascule.batch_bytes,
-                           max_message_size=config.bascule.max_message_size, dry_run=dry_run,
-                           lease=dt.timedelta(seconds=config.bascule.lease_seconds))
+    settings = RunSettings(
+        connections=connections or config.bascule.connections_per_mailbox,
+        batch_messages=config.bascule.batch_messages,
+        batch_bytes=config.bascule.batch_bytes,
+        max_message_size=config.bascule.max_message_size,
+        dry_run=dry_run,
+        lease=dt.timedelta(seconds=config.bascule.lease_seconds),
+    )
     progress = TerminalProgress(enabled=False if quiet else None)
 
     async def go(sessions: store.Sessions) -> list[JobOutcome]:
@@ -111,8 +140,9 @@ def run_command(ctx: click.Context, department: str, mailboxes: tuple[str, ...],
             jobs = [j for j in jobs if j.state is not BasculeState.VERIFIEE]
         if not jobs:
             fail(f"department {dept}: nothing to run (plan it with `balf bascule plan`)", 2)
-        return await run_department(sessions, jobs, settings, _access(config),
-                                    parallel or config.bascule.mailboxes_in_parallel, progress)
+        return await run_department(
+            sessions, jobs, settings, _access(config), parallel or config.bascule.mailboxes_in_parallel, progress
+        )
 
     outcomes = run_async(_with_db, config, go)
     _print_outcomes(outcomes, dry_run)
@@ -129,17 +159,21 @@ def _print_outcomes(outcomes: list[JobOutcome], dry_run: bool) -> None:
         total_copied += o.copied
         total_bytes += o.bytes
         rate = o.copied / o.seconds if o.seconds > 0 else 0.0
-        click.echo(f"{o.mailbox}: {o.state.value if not dry_run else 'simulation'} - {o.copied} {verb}, "
-                   f"{o.skipped} déjà présents, {o.failed} signalés, {o.bytes / 1_000_000:.1f} Mo "
-                   f"en {o.seconds:.1f} s ({rate:.0f} msg/s)")
+        click.echo(
+            f"{o.mailbox}: {o.state.value if not dry_run else 'simulation'} - {o.copied} {verb}, "
+            f"{o.skipped} déjà présents, {o.failed} signalés, {o.bytes / 1_000_000:.1f} Mo "
+            f"en {o.seconds:.1f} s ({rate:.0f} msg/s)"
+        )
         if dry_run or o.failed or o.message:
             for f in o.folders:
                 if not f.target:
                     click.echo(f"  {f.source}: ignoré (vue Domino ou exclu)")
                 else:
                     created = " (à créer)" if dry_run else (" (créé)" if f.created else "")
-                    click.echo(f"  {f.source} -> {f.target}{created}: {f.copied} {verb}, {f.skipped} déjà présents, "
-                               f"{f.failed} signalés")
+                    click.echo(
+                        f"  {f.source} -> {f.target}{created}: {f.copied} {verb}, {f.skipped} déjà présents, "
+                        f"{f.failed} signalés"
+                    )
         if o.message:
             click.echo(f"balf: {o.message}", err=True)
     if len(outcomes) > 1:
@@ -168,12 +202,16 @@ def status_command(ctx: click.Context, department: str | None, as_json: bool) ->
             counts = Counter(j.state for j in dept_jobs)
             summary = ", ".join(f"{counts[s]} {s.value}" for s in STATE_ORDER if counts[s])
             click.echo(f"département {current}: {len(dept_jobs)} boîtes - {summary}")
-            click.echo(f"  {'boîte':<24} {'état':<11} {'prévue':<10} {'messages':>15} {'taille':>10} {'durée':>9}  erreurs")
+            click.echo(
+                f"  {'boîte':<24} {'état':<11} {'prévue':<10} {'messages':>15} {'taille':>10} {'durée':>9}  erreurs"
+            )
         d = _job_dict(job)
         total = f"{job.messages_copied}/{job.messages_total or '?'}"
-        click.echo(f"  {job.mailbox[:24]:<24} {job.state.value:<11} {d['planned_date'] or '-':<10} {total:>15} "
-                   f"{job.bytes_copied / 1_000_000:>8.1f}Mo {_duration(d['seconds']):>9}  {job.errors}"
-                   + (f"  ({job.last_error})" if job.last_error and job.state is BasculeState.EN_ERREUR else ""))
+        click.echo(
+            f"  {job.mailbox[:24]:<24} {job.state.value:<11} {d['planned_date'] or '-':<10} {total:>15} "
+            f"{job.bytes_copied / 1_000_000:>8.1f}Mo {_duration(d['seconds']):>9}  {job.errors}"
+            + (f"  ({job.last_error})" if job.last_error and job.state is BasculeState.EN_ERREUR else "")
+        )
 
 
 def _duration(seconds: float | None) -> str:
@@ -187,14 +225,22 @@ def _job_dict(job: Any) -> dict[str, Any]:
     seconds = None
     if job.started_at and job.finished_at:
         seconds = (job.finished_at - job.started_at).total_seconds()
-    return {"department": job.department, "mailbox": job.mailbox, "state": job.state.value,
-            "planned_date": job.planned_date.isoformat() if job.planned_date else None,
-            "target_account": job.target_account, "messages_total": job.messages_total,
-            "messages_copied": job.messages_copied, "bytes_copied": job.bytes_copied, "errors": job.errors,
-            "started_at": job.started_at.isoformat() if job.started_at else None,
-            "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-            "verified_at": job.verified_at.isoformat() if job.verified_at else None,
-            "seconds": seconds, "last_error": job.last_error}
+    return {
+        "department": job.department,
+        "mailbox": job.mailbox,
+        "state": job.state.value,
+        "planned_date": job.planned_date.isoformat() if job.planned_date else None,
+        "target_account": job.target_account,
+        "messages_total": job.messages_total,
+        "messages_copied": job.messages_copied,
+        "bytes_copied": job.bytes_copied,
+        "errors": job.errors,
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "verified_at": job.verified_at.isoformat() if job.verified_at else None,
+        "seconds": seconds,
+        "last_error": job.last_error,
+    }
 
 
 async def _snapshots(sessions: store.Sessions, dept: str, mailboxes: tuple[str, ...]) -> list[reports.JobReport]:
@@ -202,15 +248,21 @@ async def _snapshots(sessions: store.Sessions, dept: str, mailboxes: tuple[str, 
     for job in await store.list_jobs(sessions, dept):
         if mailboxes and job.mailbox not in mailboxes:
             continue
-        result.append(reports.snapshot(job, await store.folders_of(sessions, job.id), await store.issues_of(sessions, job.id)))
+        result.append(
+            reports.snapshot(job, await store.folders_of(sessions, job.id), await store.issues_of(sessions, job.id))
+        )
     return result
 
 
 def _write_reports(snaps: list[reports.JobReport], directory: Path, stem: str) -> list[Path]:
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        paths = [directory / f"{stem}.txt", directory / f"{stem}.csv", directory / f"{stem}-anomalies.csv",
-                 directory / f"{stem}.json"]
+        paths = [
+            directory / f"{stem}.txt",
+            directory / f"{stem}.csv",
+            directory / f"{stem}-anomalies.csv",
+            directory / f"{stem}.json",
+        ]
         paths[0].write_text(reports.render_text(snaps), encoding="utf-8")
         paths[1].write_bytes(reports.render_csv(snaps))
         paths[2].write_bytes(reports.render_issues_csv(snaps))
@@ -223,7 +275,9 @@ def _write_reports(snaps: list[reports.JobReport], directory: Path, stem: str) -
 @command.command("verify")
 @click.option("--department", "-d", required=True, help="INSEE department code.")
 @click.option("--mailbox", "-m", "mailboxes", multiple=True, help="Only this mailbox (repeatable).")
-@click.option("--output", "-o", type=click.Path(file_okay=False), help="Report directory (default: bascule.report_dir).")
+@click.option(
+    "--output", "-o", type=click.Path(file_okay=False), help="Report directory (default: bascule.report_dir)."
+)
 @click.pass_context
 def verify_command(ctx: click.Context, department: str, mailboxes: tuple[str, ...], output: str | None) -> None:
     """Compare source and target folder by folder (counts, Message-ID sets) and write the report."""
@@ -231,7 +285,7 @@ def verify_command(ctx: click.Context, department: str, mailboxes: tuple[str, ..
     dept = _department(department) or ""
 
     async def go(sessions: store.Sessions) -> tuple[list[tuple[str, Any, str | None]], list[reports.JobReport]]:
-        results = []
+        results: list[tuple[str, Any, str | None]] = []
         for job in await store.list_jobs(sessions, dept):
             if mailboxes and job.mailbox not in mailboxes:
                 continue
@@ -255,8 +309,10 @@ def verify_command(ctx: click.Context, department: str, mailboxes: tuple[str, ..
         bad += 0 if ok else 1
         click.echo(f"{mailbox}: {'vérifiée' if ok else 'ÉCARTS'}")
         for v in verdicts:
-            line = (f"  {v.target}: source {v.source_count}, cible {v.target_count}, manquants {len(v.missing)}, "
-                    f"expliqués {len(v.explained)}, en plus dans la cible {len(v.extra)}")
+            line = (
+                f"  {v.target}: source {v.source_count}, cible {v.target_count}, manquants {len(v.missing)}, "
+                f"expliqués {len(v.explained)}, en plus dans la cible {len(v.extra)}"
+            )
             if v.duplicates:
                 line += f", doublons source {v.duplicates}"
             click.echo(line)
@@ -274,10 +330,17 @@ def verify_command(ctx: click.Context, department: str, mailboxes: tuple[str, ..
 @click.option("--department", "-d", required=True, help="INSEE department code.")
 @click.option("--mailbox", "-m", "mailboxes", multiple=True, help="Only this mailbox (repeatable).")
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Write text, CSV and JSON files here.")
-@click.option("--format", "fmt", type=click.Choice(["text", "csv", "json"]), default="text",
-              help="What to print when no --output is given.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "csv", "json"]),
+    default="text",
+    help="What to print when no --output is given.",
+)
 @click.pass_context
-def report_command(ctx: click.Context, department: str, mailboxes: tuple[str, ...], output: str | None, fmt: str) -> None:
+def report_command(
+    ctx: click.Context, department: str, mailboxes: tuple[str, ...], output: str | None, fmt: str
+) -> None:
     """Print (or write) the department's bascule report from the recorded state."""
     config = state(ctx).config()
     dept = _department(department) or ""
@@ -288,7 +351,7 @@ def report_command(ctx: click.Context, department: str, mailboxes: tuple[str, ..
         paths = _write_reports(snaps, Path(output), f"bascule-{dept}")
         click.echo(f"rapport: {', '.join(str(p) for p in paths)}")
     elif fmt == "csv":
-        click.get_binary_stream("stdout").write(reports.render_csv(snaps))
+        click.echo(reports.render_csv(snaps), nl=False)  # bytes: written as is (BOM and all)
     elif fmt == "json":
         click.echo(reports.render_json(snaps))
     else:

@@ -48,6 +48,7 @@ class SmtpConfig:
     data_timeout: float = key(600.0, "Seconds allowed to transfer one message's DATA.")
     tls_cert: str = key("", "PEM certificate chain for STARTTLS (empty: no STARTTLS).")
     tls_key: str = key("", "PEM private key for STARTTLS.")
+    shutdown_grace: float = key(10.0, "Seconds in-flight sessions may finish when the daemon stops.")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,11 @@ class GatewayConfig:
                       "`balf init` generates one.")
     workers: int = key(4, "Concurrent delivery workers taking messages from the spool.")
     retry_max_age: float = key(432000.0, "Seconds a message may wait for delivery before it is dead-lettered (5 days, like Postfix).")
+    retry_delay: float = key(5.0, "First retry delay in seconds after a temporary failure; doubles per attempt.")
+    retry_max_delay: float = key(600.0, "Longest delay between two delivery attempts, in seconds.")
+    claim_lease: float = key(300.0, "Seconds a claimed spool entry stays reserved to one instance (re-claimed after a crash).")
+    instance: str = key("", "Name of this gateway instance in claims (empty: <hostname>:<spool dir>); stable across restarts.")
+    directory_refresh: float = key(30.0, "Seconds between reloads of the BALF address directory from the database.")
     acknowledge: bool = key(True, "Send citizens an automatic acknowledgement with the thread reference.")
     acknowledgements_per_day: int = key(3, "At most this many acknowledgements to one sender per day (RFC 3834 5).")
     portal_url: str = key("https://www.impots.gouv.fr/", "Secure-messaging portal that acknowledgements and notices point to.")
@@ -117,6 +123,10 @@ class BasculeConfig:
     mailboxes_in_parallel: int = key(2, "Mailboxes migrated at the same time.")
     connections_per_mailbox: int = key(4, "IMAP connections per mailbox to the target.")
     max_message_size: int = key(52428800, "Messages larger than this are reported, not copied.")
+    batch_messages: int = key(200, "Messages read from the source and appended per batch (and per checkpoint).")
+    batch_bytes: int = key(16777216, "Bytes per batch at most: bounds memory whatever the mailbox size.")
+    lease_seconds: int = key(600, "A worker's hold on a mailbox; after a crash another run may take it over once it expires.")
+    report_dir: str = key("", "Where `balf bascule verify` and `report` write their files (empty: <data_dir>/bascule).")
 
 
 @dataclass(frozen=True)

@@ -355,9 +355,11 @@ class BasculeJob(Base):
     messages_total: Mapped[int] = mapped_column(Integer, default=0)
     messages_copied: Mapped[int] = mapped_column(Integer, default=0)
     bytes_copied: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_total: Mapped[int] = mapped_column(BigInteger, default=0)
     errors: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     claimed_by: Mapped[str | None] = mapped_column(String(100))
+    claimed_until: Mapped[dt.datetime | None]  # a worker's lease; expired: another may resume the job
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
@@ -380,6 +382,7 @@ class BasculeFolder(Base):
     failed: Mapped[int] = mapped_column(Integer, default=0)
     bytes_copied: Mapped[int] = mapped_column(BigInteger, default=0)
     checkpoint: Mapped[str | None] = mapped_column(Text)  # source position to resume from
+    target_count: Mapped[int | None] = mapped_column(Integer)  # messages found in the target by verify
     target_uidvalidity: Mapped[int | None] = mapped_column(BigInteger)
 
 

@@ -17,10 +17,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from balf.db.engine import create_engine
-from balf.db.migrate import upgrade
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from balf.db.engine import create_engine
+from balf.db.migrate import upgrade
 
 PG_ADMIN_URL = os.environ.get("BALFTEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 BACKENDS = ["sqlite", "postgresql"]

@@ -13,7 +13,6 @@ from balf.cli.localdovecot import (
     Dovecot,
     DovecotError,
 )
-
 from tests.harness.apt import ensure_package
 
 __all__ = ["MASTER_SEPARATOR", "SPECIAL_USE", "Account", "Dovecot", "DovecotError", "ensure_dovecot"]

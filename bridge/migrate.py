@@ -1,0 +1,546 @@
+"""Run the bascule of one mailbox or of a department (I/O: source, target IMAP, database).
+
+For each folder: create and subscribe the target folder, learn what the target already holds
+beyond the last UID recorded (a crash between APPEND and the database commit leaves exactly
+that), then stream the source from the folder's checkpoint in bounded batches. Each batch is
+filtered against the recorded keys, spread over several target connections (MULTIAPPEND where
+offered), and recorded with its new checkpoint in one transaction. The next batch is read from
+the source while the current one is appended. Memory is bounded by the batch size, not by the
+mailbox size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from balf.bridge import store
+from balf.bridge.campaign import parse_options
+from balf.bridge.errors import BridgeError, PermanentFailure, QuotaExceeded, TargetRefused
+from balf.bridge.folders import parents, plan_folders
+from balf.bridge.imap import ImapTarget, Login, TargetInfo
+from balf.bridge.keys import dedup_key
+from balf.bridge.model import FolderPlan, MailboxOptions, SourceDamage, SourceItem, SourceMessage
+from balf.bridge.sources import MailSource, open_source
+from balf.bridge.store import IssueRecord, Sessions
+from balf.db.models import BasculeJob, BasculeState
+
+log = logging.getLogger(__name__)
+
+KEPT_FLAGS = frozenset({"\\seen", "\\answered", "\\flagged", "\\draft"})
+
+
+@dataclass(frozen=True)
+class TargetAccess:
+    """How to log in to target accounts: as ``<account>*<master_user>`` with the master password
+    (Dovecot master user), or as the account itself when no master user is configured."""
+
+    host: str
+    port: int
+    tls: str
+    master_user: str
+    master_password: str
+    timeout: float = 60.0
+    account_passwords: dict[str, str] = field(default_factory=dict)
+
+    def login(self, account: str) -> Login:
+        if account in self.account_passwords:
+            return Login(self.host, self.port, account, self.account_passwords[account], self.tls, self.timeout)
+        user = f"{account}*{self.master_user}" if self.master_user else account
+        return Login(self.host, self.port, user, self.master_password, self.tls, self.timeout)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    connections: int = 4
+    batch_messages: int = 200
+    batch_bytes: int = 16 * 1024 * 1024
+    max_message_size: int = 52428800
+    dry_run: bool = False
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    lease: dt.timedelta = dt.timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class FolderOutcome:
+    source: str
+    target: str
+    seen: int = 0
+    copied: int = 0
+    skipped: int = 0
+    failed: int = 0
+    bytes: int = 0
+    created: bool = False
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    department: str
+    mailbox: str
+    state: BasculeState
+    folders: tuple[FolderOutcome, ...]
+    seconds: float
+    message: str = ""
+    exit_code: int = 0
+
+    @property
+    def copied(self) -> int:
+        return sum(f.copied for f in self.folders)
+
+    @property
+    def skipped(self) -> int:
+        return sum(f.skipped for f in self.folders)
+
+    @property
+    def failed(self) -> int:
+        return sum(f.failed for f in self.folders)
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.folders)
+
+
+class Progress(Protocol):
+    """What the terminal (or a test) is told while a mailbox is copied."""
+
+    def start(self, mailbox: str, messages: int, size: int) -> None: ...
+
+    def advance(self, mailbox: str, messages: int, size: int) -> None: ...
+
+    def finish(self, outcome: JobOutcome) -> None: ...
+
+
+class NoProgress:
+    def start(self, mailbox: str, messages: int, size: int) -> None:
+        pass
+
+    def advance(self, mailbox: str, messages: int, size: int) -> None:
+        pass
+
+    def finish(self, outcome: JobOutcome) -> None:
+        pass
+
+
+def holder_is_dead(holder: str, me: str) -> bool:
+    """True when ``holder`` ("host:pid") is a process of this host that no longer exists (a run
+    killed with -9 or by a power cut): its lease need not be waited for."""
+    host, _, pid = holder.rpartition(":")
+    my_host = me.rpartition(":")[0]
+    if host != my_host or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def next_batch(items: Iterator[SourceItem], max_count: int, max_bytes: int) -> list[SourceItem]:
+    """Up to ``max_count`` items or ``max_bytes`` of message bytes (at least one item)."""
+    batch: list[SourceItem] = []
+    size = 0
+    for item in items:
+        batch.append(item)
+        if isinstance(item, SourceMessage):
+            size += item.size
+        if len(batch) >= max_count or size >= max_bytes:
+            break
+    return batch
+
+
+def storable_flags(flags: Sequence[str], permanent: Sequence[str]) -> tuple[str, ...]:
+    """The flags the target keeps (PERMANENTFLAGS, RFC 3501 7.1): keywords only if it lists
+    them or ``\\*``; \\Recent never; \\Deleted never (a deleted message is not copied)."""
+    allowed = {p.lower() for p in permanent}
+    keywords_ok = "\\*" in allowed or not allowed
+    result = []
+    for flag in flags:
+        low = flag.lower()
+        if low in ("\\recent", "\\deleted"):
+            continue
+        if low in KEPT_FLAGS or low in allowed or (keywords_ok and not low.startswith("\\")):
+            result.append(flag)
+    return tuple(dict.fromkeys(result))
+
+
+def split_evenly(items: Sequence[tuple[str, SourceMessage]], parts: int) -> list[list[tuple[str, SourceMessage]]]:
+    """Contiguous chunks of about the same byte size, one per connection."""
+    parts = max(1, min(parts, len(items)))
+    total = sum(m.size for _k, m in items) or 1
+    chunks: list[list[tuple[str, SourceMessage]]] = [[] for _ in range(parts)]
+    acc = 0
+    for key, message in items:
+        index = min(parts - 1, acc * parts // total)
+        chunks[index].append((key, message))
+        acc += message.size
+    return [c for c in chunks if c]
+
+
+class MailboxRun:
+    """The copy of one job (a mailbox): holds its source, target connections and settings."""
+
+    def __init__(
+        self, sessions: Sessions, job: BasculeJob, settings: RunSettings, access: TargetAccess, progress: Progress
+    ) -> None:
+        self.sessions = sessions
+        self.job = job
+        self.settings = settings
+        self.access = access
+        self.progress = progress
+        self.options: MailboxOptions = parse_options(dict(job.options or {}), f"mailbox {job.mailbox}")
+        self.max_size = self.options.max_message_size or settings.max_message_size
+        self.source: MailSource | None = None
+        self.targets: list[ImapTarget] = []
+        self.info: TargetInfo | None = None
+
+    async def open(self) -> list[FolderPlan]:
+        source = await asyncio.to_thread(open_source, self.job.source, self.options, timeout=self.access.timeout)
+        self.source = source
+        folders = await asyncio.to_thread(source.folders)
+        count = 1 if self.settings.dry_run else max(1, self.settings.connections)
+        login = self.access.login(self.job.target_account)
+        self.targets = list(await asyncio.gather(*(asyncio.to_thread(ImapTarget, login) for _ in range(count))))
+        info = await asyncio.to_thread(self.targets[0].info)
+        self.info = info
+        if info.append_limit:
+            self.max_size = min(self.max_size, info.append_limit)
+        return plan_folders(
+            folders,
+            delimiter=info.delimiter,
+            special=info.special,
+            prefix=info.prefix,
+            folder_map=self.options.folder_map,
+            exclude=self.options.exclude,
+        )
+
+    async def close(self) -> None:
+        for target in self.targets:
+            await asyncio.to_thread(target.close)
+        if self.source is not None:
+            await asyncio.to_thread(self.source.close)
+
+    async def check_quota(self, plans: Sequence[FolderPlan]) -> None:
+        """Stop before copying anything when the rest of the mailbox cannot fit (RFC 9208)."""
+        assert self.info is not None
+        if not self.info.quota:
+            return
+        quota = await asyncio.to_thread(self.targets[0].quota)
+        if quota is None or quota.limit is None:
+            return
+        total = sum(p.source.estimated_bytes or 0 for p in plans if not p.skip)
+        needed = max(0, total - self.job.bytes_copied)
+        if quota.usage + needed > quota.limit:
+            raise QuotaExceeded(
+                f"{self.job.mailbox}: the mailbox needs {_mb(needed)} more but the target account "
+                f"{self.job.target_account} has {_mb(max(0, quota.limit - quota.usage))} free of a "
+                f"{_mb(quota.limit)} quota; raise the quota or clean the source, then run again"
+            )
+
+    async def copy_folder(self, plan: FolderPlan) -> FolderOutcome:
+        assert self.source is not None and self.info is not None
+        job, settings, sessions = self.job, self.settings, self.sessions
+        local = self.options.dedup_local_part
+        name = plan.target
+        row = await store.folder_row(sessions, job.id, plan.source.display, name, create=not settings.dry_run)
+        primary = self.targets[0]
+        created = False
+        if not settings.dry_run:
+            created = await asyncio.to_thread(primary.ensure_folder, name, parents(name, self.info.delimiter))
+            selected = await asyncio.to_thread(primary.select, name)
+            validity = selected["uidvalidity"]
+            if row.target_uidvalidity is not None and row.target_uidvalidity != validity:
+                await store.reset_target_uids(sessions, row.id, validity)
+                await store.add_issues(
+                    sessions,
+                    job.id,
+                    [
+                        IssueRecord(
+                            plan.source.display,
+                            name,
+                            "uidvalidity_cible",
+                            "le dossier cible a été recréé (UIDVALIDITY changé): présence relue dans la cible",
+                        )
+                    ],
+                )
+                row.checkpoint = None
+            elif row.target_uidvalidity is None:
+                await store.set_target_uidvalidity(sessions, row.id, validity)
+            permanent = selected["permanentflags"]
+            after = await store.max_target_uid(sessions, row.id)
+            present = await asyncio.to_thread(primary.keys_after, name, after, local_part_only=local)
+            await store.record_present(sessions, row.id, present)
+        else:
+            permanent = ("\\*",)
+
+        items = iter(self.source.messages(plan.source, row.checkpoint))
+        outcome = FolderOutcome(plan.source.display, name, created=created)
+        pending = asyncio.ensure_future(
+            asyncio.to_thread(next_batch, items, settings.batch_messages, settings.batch_bytes)
+        )
+        while True:
+            batch = await pending
+            if not batch:
+                break
+            pending = asyncio.ensure_future(
+                asyncio.to_thread(next_batch, items, settings.batch_messages, settings.batch_bytes)
+            )
+            outcome = await self._copy_batch(plan, row.id, batch, permanent, outcome)
+        return outcome
+
+    async def _copy_batch(
+        self,
+        plan: FolderPlan,
+        folder_id: int,
+        batch: list[SourceItem],
+        permanent: Sequence[str],
+        outcome: FolderOutcome,
+    ) -> FolderOutcome:
+        local = self.options.dedup_local_part
+        folder = plan.source.display
+        issues: list[IssueRecord] = []
+        keyed: list[tuple[str, SourceMessage]] = []
+        skipped = failed = 0
+        for item in batch:
+            if isinstance(item, SourceDamage):
+                issues.append(IssueRecord(folder, item.position, item.kind, item.detail))
+                failed += 1
+                continue
+            keyed.append((dedup_key(item.raw, local_part_only=local), item))
+        known = await store.known_keys(self.sessions, folder_id, (k for k, _m in keyed))
+        to_copy: list[tuple[str, SourceMessage]] = []
+        chosen: set[str] = set()
+        for key, message in keyed:
+            if key in known or key in chosen:
+                skipped += 1
+                continue
+            if any(f.lower() == "\\deleted" for f in message.flags):
+                issues.append(
+                    IssueRecord(
+                        folder, key, "supprime_source", "message marqué supprimé (\\Deleted) dans la source: non copié"
+                    )
+                )
+                skipped += 1
+                chosen.add(key)
+                continue
+            if message.size > self.max_size:
+                issues.append(
+                    IssueRecord(
+                        folder, key, "trop_volumineux", f"{_mb(message.size)} > limite {_mb(self.max_size)}: non copié"
+                    )
+                )
+                failed += 1
+                chosen.add(key)
+                continue
+            chosen.add(key)
+            to_copy.append((key, message))
+        recorded: list[tuple[str, int | None, int]] = []
+        if to_copy and not self.settings.dry_run:
+            chunks = split_evenly(to_copy, len(self.targets))
+            results = await asyncio.gather(
+                *(self._append_chunk(self.targets[i], plan.target, chunk, permanent) for i, chunk in enumerate(chunks)),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+                done, refused = result
+                recorded.extend(done)
+                issues.extend(refused)
+                failed += len(refused)
+            for key, message in to_copy:
+                for note in message.notes:
+                    issues.append(IssueRecord(folder, key, "repare", note))
+        elif to_copy:
+            recorded = [(k, None, m.size) for k, m in to_copy]
+        if not self.settings.dry_run:
+            checkpoint = batch[-1].position
+            await store.record_batch(
+                self.sessions,
+                job_id=self.job.id,
+                folder_id=folder_id,
+                items=recorded,
+                skipped=skipped,
+                failed=failed,
+                checkpoint=checkpoint,
+                issues=issues,
+                worker=self.settings.worker,
+                lease=self.settings.lease,
+            )
+        size = sum(s for _k, _u, s in recorded)
+        self.progress.advance(self.job.mailbox, len(batch), sum(m.size for _k, m in keyed))
+        return replace(
+            outcome,
+            seen=outcome.seen + len(batch),
+            copied=outcome.copied + len(recorded),
+            skipped=outcome.skipped + skipped,
+            failed=outcome.failed + failed,
+            bytes=outcome.bytes + size,
+        )
+
+    async def _append_chunk(
+        self, target: ImapTarget, name: str, chunk: list[tuple[str, SourceMessage]], permanent: Sequence[str]
+    ) -> tuple[list[tuple[str, int | None, int]], list[IssueRecord]]:
+        """APPEND one chunk on one connection; a refused MULTIAPPEND is retried one by one so a
+        single bad message is reported instead of failing its neighbours."""
+        assert self.info is not None
+        payload = [(m.raw, storable_flags(m.flags, permanent), m.internaldate) for _k, m in chunk]
+        try:
+            uids = await asyncio.to_thread(target.append, name, payload, multiappend=self.info.multiappend)
+            return [(k, uids[i] if uids else None, m.size) for i, (k, m) in enumerate(chunk)], []
+        except QuotaExceeded:
+            raise
+        except TargetRefused:
+            if len(chunk) == 1:
+                pass
+        done: list[tuple[str, int | None, int]] = []
+        refused: list[IssueRecord] = []
+        for (key, message), one in zip(chunk, payload, strict=True):
+            try:
+                uids = await asyncio.to_thread(target.append, name, [one], multiappend=False)
+                done.append((key, uids[0] if uids else None, message.size))
+            except QuotaExceeded:
+                raise
+            except TargetRefused as exc:
+                refused.append(IssueRecord(name, key, "refuse_cible", str(exc)))
+        return done, refused
+
+
+async def run_job(
+    sessions: Sessions, job_id: int, settings: RunSettings, access: TargetAccess, progress: Progress | None = None
+) -> JobOutcome:
+    """Copy one mailbox (resuming from its checkpoints); never raises a BridgeError: the outcome
+    carries the state (migrée, en erreur) and the one-line message."""
+    progress = progress or NoProgress()
+    job = await store.load_job(sessions, job_id)
+    started = time.monotonic()
+    if (
+        not settings.dry_run
+        and not await store.claim_job(sessions, job.id, settings.worker, settings.lease)
+        and not (
+            job.claimed_by
+            and holder_is_dead(job.claimed_by, settings.worker)
+            and await store.take_over_job(sessions, job.id, settings.worker, job.claimed_by, settings.lease)
+        )
+    ):
+        return JobOutcome(
+            job.department,
+            job.mailbox,
+            job.state,
+            (),
+            0.0,
+            f"{job.mailbox}: déjà en cours sur un autre poste ({job.claimed_by})",
+            75,
+        )
+    run = MailboxRun(sessions, job, settings, access, progress)
+    folders: list[FolderOutcome] = []
+    try:
+        plans = await run.open()
+        await run.check_quota(plans)
+        active = [p for p in plans if not p.skip]
+        progress.start(
+            job.mailbox,
+            sum(p.source.estimated_count or 0 for p in active),
+            sum(p.source.estimated_bytes or 0 for p in active),
+        )
+        if not settings.dry_run:
+            await store.set_job(
+                sessions,
+                job.id,
+                state=BasculeState.EN_COURS,
+                last_error=None,
+                started_at=job.started_at or store.utcnow(),
+                bytes_total=sum(p.source.estimated_bytes or 0 for p in active),
+            )
+        for plan in plans:
+            if plan.skip:
+                folders.append(FolderOutcome(plan.source.display, "", skipped=0))
+                continue
+            folders.append(await run.copy_folder(plan))
+        remarks = list(getattr(run.source, "remarks", []))
+        if not settings.dry_run:
+            total = sum(f.seen for f in folders)
+            await store.add_issues(sessions, job.id, [IssueRecord("", "", kind, detail) for kind, detail in remarks])
+            fresh = await store.load_job(sessions, job.id)
+            await store.set_job(
+                sessions,
+                job.id,
+                state=BasculeState.MIGREE,
+                finished_at=store.utcnow(),
+                messages_total=max(fresh.messages_total, fresh.messages_copied, total),
+            )
+            await store.release_job(sessions, job.id, settings.worker)
+        outcome = JobOutcome(
+            job.department,
+            job.mailbox,
+            BasculeState.MIGREE if not settings.dry_run else job.state,
+            tuple(folders),
+            time.monotonic() - started,
+        )
+    except Exception as exc:  # noqa: BLE001 - one mailbox's failure must not stop the campaign
+        if isinstance(exc, BridgeError):
+            message, code = str(exc), exc.exit_code
+        else:  # a bug: keep the traceback in the log, the coordinator gets one line
+            log.exception("bascule of %s failed", job.mailbox)
+            message, code = f"{job.mailbox}: erreur interne {type(exc).__name__}: {exc}", 1
+        if not settings.dry_run:
+            await store.set_job(sessions, job.id, state=BasculeState.EN_ERREUR, last_error=message, claimed_until=None)
+        outcome = JobOutcome(
+            job.department,
+            job.mailbox,
+            BasculeState.EN_ERREUR,
+            tuple(folders),
+            time.monotonic() - started,
+            message,
+            code,
+        )
+    finally:
+        try:
+            await run.close()
+        except BridgeError:
+            pass
+    progress.finish(outcome)
+    return outcome
+
+
+async def run_department(
+    sessions: Sessions,
+    jobs: Sequence[BasculeJob],
+    settings: RunSettings,
+    access: TargetAccess,
+    parallel: int,
+    progress: Progress | None = None,
+) -> list[JobOutcome]:
+    """Run ``jobs`` with at most ``parallel`` mailboxes at a time; outcomes in the jobs' order."""
+    gate = asyncio.Semaphore(max(1, parallel))
+
+    async def one(job: BasculeJob) -> JobOutcome:
+        async with gate:
+            return await run_job(sessions, job.id, settings, access, progress)
+
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(one(job)) for job in jobs]
+    return [t.result() for t in tasks]
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1_000_000:.1f} Mo"
+
+
+__all__ = [
+    "run_job",
+    "run_department",
+    "RunSettings",
+    "TargetAccess",
+    "JobOutcome",
+    "FolderOutcome",
+    "PermanentFailure",
+]

@@ -1,0 +1,339 @@
+"""The bascule's state in the database (I/O: SQLAlchemy async, SQLite or PostgreSQL).
+
+Jobs (one per mailbox), their folders with counts and checkpoints, the keys of the messages
+present in each target folder, and the issues the report lists. A batch of copied messages, its
+issues and the folder's new checkpoint are committed in one transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from balf.bridge.errors import PlanError, TemporaryFailure
+from balf.bridge.model import PlannedMailbox
+from balf.db.models import BasculeFolder, BasculeIssue, BasculeItem, BasculeJob, BasculeState
+
+Sessions = async_sessionmaker[Any]
+IN_CHUNK = 500  # bound the size of IN (...) lists
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class IssueRecord:
+    folder: str
+    item: str
+    kind: str
+    detail: str
+
+
+async def plan_department(
+    sessions: Sessions, department: str, planned: Sequence[PlannedMailbox]
+) -> tuple[int, int, list[str]]:
+    """Create or update the department's jobs; jobs already started keep their source and target.
+
+    Returns (created, updated, names of the mailboxes left unchanged because they started).
+    """
+    created = updated = 0
+    kept: list[str] = []
+    async with sessions() as session, session.begin():
+        existing = {
+            j.mailbox: j
+            for j in (await session.scalars(select(BasculeJob).where(BasculeJob.department == department))).all()
+        }
+        for item in planned:
+            job = existing.get(item.mailbox)
+            if job is None:
+                session.add(
+                    BasculeJob(
+                        department=department,
+                        mailbox=item.mailbox,
+                        source=item.source,
+                        target_account=item.target_account,
+                        planned_date=item.planned_date,
+                        options=dict(item.options),
+                        state=BasculeState.PLANIFIEE,
+                    )
+                )
+                created += 1
+            elif job.state in (BasculeState.PLANIFIEE, BasculeState.EN_ERREUR) and job.started_at is None:
+                job.source, job.target_account = item.source, item.target_account
+                job.planned_date, job.options = item.planned_date, dict(item.options)
+                updated += 1
+            else:
+                if (job.planned_date, job.options) != (item.planned_date, dict(item.options)):
+                    job.planned_date, job.options = item.planned_date, dict(item.options)
+                    updated += 1
+                if (job.source, job.target_account) != (item.source, item.target_account):
+                    kept.append(item.mailbox)
+    return created, updated, kept
+
+
+async def list_jobs(sessions: Sessions, department: str | None = None, mailbox: str | None = None) -> list[BasculeJob]:
+    async with sessions() as session:
+        query = select(BasculeJob).order_by(BasculeJob.department, BasculeJob.mailbox)
+        if department:
+            query = query.where(BasculeJob.department == department)
+        if mailbox:
+            query = query.where(BasculeJob.mailbox == mailbox)
+        return list((await session.scalars(query)).all())
+
+
+async def load_job(sessions: Sessions, job_id: int) -> BasculeJob:
+    async with sessions() as session:
+        job = await session.get(BasculeJob, job_id)
+        if job is None:
+            raise PlanError(f"no bascule job {job_id}")
+        return job
+
+
+async def claim_job(sessions: Sessions, job_id: int, worker: str, lease: dt.timedelta) -> bool:
+    """Take the job for ``worker`` unless another worker holds an unexpired lease (one UPDATE,
+    atomic on SQLite and PostgreSQL, so several workers can split a campaign)."""
+    now = utcnow()
+    async with sessions() as session, session.begin():
+        result = await session.execute(
+            update(BasculeJob)
+            .where(
+                BasculeJob.id == job_id,
+                or_(
+                    BasculeJob.claimed_until.is_(None), BasculeJob.claimed_until < now, BasculeJob.claimed_by == worker
+                ),
+            )
+            .values(claimed_by=worker, claimed_until=now + lease)
+        )
+        return bool(result.rowcount)
+
+
+async def take_over_job(sessions: Sessions, job_id: int, worker: str, previous: str, lease: dt.timedelta) -> bool:
+    """Take the job from ``previous`` (a worker known to be dead) if it still holds it."""
+    async with sessions() as session, session.begin():
+        result = await session.execute(
+            update(BasculeJob)
+            .where(BasculeJob.id == job_id, BasculeJob.claimed_by == previous)
+            .values(claimed_by=worker, claimed_until=utcnow() + lease)
+        )
+        return bool(result.rowcount)
+
+
+async def release_job(sessions: Sessions, job_id: int, worker: str) -> None:
+    async with sessions() as session, session.begin():
+        await session.execute(
+            update(BasculeJob)
+            .where(BasculeJob.id == job_id, BasculeJob.claimed_by == worker)
+            .values(claimed_until=None)
+        )
+
+
+async def set_job(sessions: Sessions, job_id: int, **values: Any) -> None:
+    async with sessions() as session, session.begin():
+        await session.execute(update(BasculeJob).where(BasculeJob.id == job_id).values(**values))
+
+
+async def folder_row(
+    sessions: Sessions, job_id: int, source_name: str, target_name: str, *, create: bool = True
+) -> BasculeFolder:
+    """The folder's row, created when missing (``create=False``, for dry runs: an unsaved row)."""
+    async with sessions() as session, session.begin():
+        row = await session.scalar(
+            select(BasculeFolder).where(BasculeFolder.job_id == job_id, BasculeFolder.source_name == source_name)
+        )
+        if row is None and not create:
+            return BasculeFolder(
+                id=-1,
+                job_id=job_id,
+                source_name=source_name,
+                target_name=target_name,
+                checkpoint=None,
+                target_uidvalidity=None,
+            )
+        if row is None:
+            row = BasculeFolder(job_id=job_id, source_name=source_name, target_name=target_name)
+            session.add(row)
+            await session.flush()
+        elif row.target_name != target_name:
+            row.target_name = target_name
+        return row
+
+
+async def folders_of(sessions: Sessions, job_id: int) -> list[BasculeFolder]:
+    async with sessions() as session:
+        return list(
+            (
+                await session.scalars(
+                    select(BasculeFolder).where(BasculeFolder.job_id == job_id).order_by(BasculeFolder.id)
+                )
+            ).all()
+        )
+
+
+async def known_keys(sessions: Sessions, folder_id: int, keys: Iterable[str]) -> set[str]:
+    wanted = list(dict.fromkeys(keys))
+    found: set[str] = set()
+    async with sessions() as session:
+        for start in range(0, len(wanted), IN_CHUNK):
+            chunk = wanted[start : start + IN_CHUNK]
+            found.update(
+                (
+                    await session.scalars(
+                        select(BasculeItem.dedup_key).where(
+                            BasculeItem.folder_id == folder_id, BasculeItem.dedup_key.in_(chunk)
+                        )
+                    )
+                ).all()
+            )
+    return found
+
+
+async def max_target_uid(sessions: Sessions, folder_id: int) -> int:
+    async with sessions() as session:
+        value = await session.scalar(select(func.max(BasculeItem.target_uid)).where(BasculeItem.folder_id == folder_id))
+        return int(value or 0)
+
+
+async def reset_target_uids(sessions: Sessions, folder_id: int, uidvalidity: int) -> None:
+    """The target folder was recreated (new UIDVALIDITY): recorded UIDs mean nothing any more,
+    and presence must be learnt again from the target itself."""
+    async with sessions() as session, session.begin():
+        await session.execute(delete(BasculeItem).where(BasculeItem.folder_id == folder_id))
+        await session.execute(
+            update(BasculeFolder)
+            .where(BasculeFolder.id == folder_id)
+            .values(target_uidvalidity=uidvalidity, checkpoint=None)
+        )
+
+
+async def set_target_uidvalidity(sessions: Sessions, folder_id: int, uidvalidity: int) -> None:
+    async with sessions() as session, session.begin():
+        await session.execute(
+            update(BasculeFolder).where(BasculeFolder.id == folder_id).values(target_uidvalidity=uidvalidity)
+        )
+
+
+async def record_present(sessions: Sessions, folder_id: int, present: Sequence[tuple[int, str, int]]) -> int:
+    """Record keys found in the target folder and not yet known (after a crash between APPEND
+    and commit, or mail already there); returns how many were new."""
+    known = await known_keys(sessions, folder_id, (k for _u, k, _s in present))
+    fresh: dict[str, tuple[int, int]] = {}
+    for uid, key, size in present:
+        if key not in known and key not in fresh:
+            fresh[key] = (uid, size)
+    if fresh:
+        async with sessions() as session, session.begin():
+            session.add_all(
+                BasculeItem(folder_id=folder_id, dedup_key=k, target_uid=u, size=s) for k, (u, s) in fresh.items()
+            )
+    return len(fresh)
+
+
+async def record_batch(
+    sessions: Sessions,
+    *,
+    job_id: int,
+    folder_id: int,
+    items: Sequence[tuple[str, int | None, int]],
+    skipped: int,
+    failed: int,
+    checkpoint: str | None,
+    issues: Sequence[IssueRecord],
+    worker: str,
+    lease: dt.timedelta,
+) -> None:
+    """One batch done: its items, counters, issues and the folder checkpoint, in one transaction."""
+    copied = len(items)
+    size = sum(s for _k, _u, s in items)
+    try:
+        async with sessions() as session, session.begin():
+            session.add_all(BasculeItem(folder_id=folder_id, dedup_key=k, target_uid=u, size=s) for k, u, s in items)
+            session.add_all(
+                BasculeIssue(job_id=job_id, folder=i.folder, item=i.item[:1000], kind=i.kind, detail=i.detail)
+                for i in issues
+            )
+            values: dict[str, Any] = {
+                "copied": BasculeFolder.copied + copied,
+                "skipped": BasculeFolder.skipped + skipped,
+                "failed": BasculeFolder.failed + failed,
+                "bytes_copied": BasculeFolder.bytes_copied + size,
+            }
+            if checkpoint is not None:
+                values["checkpoint"] = checkpoint
+            await session.execute(update(BasculeFolder).where(BasculeFolder.id == folder_id).values(**values))
+            await session.execute(
+                update(BasculeJob)
+                .where(BasculeJob.id == job_id)
+                .values(
+                    messages_copied=BasculeJob.messages_copied + copied,
+                    bytes_copied=BasculeJob.bytes_copied + size,
+                    errors=BasculeJob.errors + failed,
+                    claimed_by=worker,
+                    claimed_until=utcnow() + lease,
+                )
+            )
+    except SQLAlchemyError as exc:
+        raise TemporaryFailure(f"database error while recording a batch: {exc}") from exc
+
+
+async def add_issues(sessions: Sessions, job_id: int, issues: Sequence[IssueRecord]) -> None:
+    if not issues:
+        return
+    async with sessions() as session, session.begin():
+        session.add_all(
+            BasculeIssue(job_id=job_id, folder=i.folder, item=i.item[:1000], kind=i.kind, detail=i.detail)
+            for i in issues
+        )
+
+
+async def replace_issues(sessions: Sessions, job_id: int, kinds: Sequence[str], issues: Sequence[IssueRecord]) -> None:
+    async with sessions() as session, session.begin():
+        await session.execute(
+            delete(BasculeIssue).where(and_(BasculeIssue.job_id == job_id, BasculeIssue.kind.in_(kinds)))
+        )
+        session.add_all(
+            BasculeIssue(job_id=job_id, folder=i.folder, item=i.item[:1000], kind=i.kind, detail=i.detail)
+            for i in issues
+        )
+
+
+async def issues_of(sessions: Sessions, job_id: int) -> list[BasculeIssue]:
+    async with sessions() as session:
+        return list(
+            (
+                await session.scalars(
+                    select(BasculeIssue).where(BasculeIssue.job_id == job_id).order_by(BasculeIssue.id)
+                )
+            ).all()
+        )
+
+
+async def set_folder_target_count(sessions: Sessions, folder_id: int, count: int) -> None:
+    async with sessions() as session, session.begin():
+        await session.execute(update(BasculeFolder).where(BasculeFolder.id == folder_id).values(target_count=count))
+
+
+async def set_folder_source_count(sessions: Sessions, folder_id: int, count: int) -> None:
+    async with sessions() as session, session.begin():
+        await session.execute(update(BasculeFolder).where(BasculeFolder.id == folder_id).values(source_count=count))
+
+
+async def forget_keys(sessions: Sessions, folder_ids: Sequence[int], keys: Sequence[str]) -> None:
+    """Verification found these keys missing from the target: forget them and rewind the folders'
+    checkpoints so the next run reads the source again and copies exactly them."""
+    if not keys or not folder_ids:
+        return
+    async with sessions() as session, session.begin():
+        for start in range(0, len(keys), IN_CHUNK):
+            await session.execute(
+                delete(BasculeItem).where(
+                    BasculeItem.folder_id.in_(folder_ids), BasculeItem.dedup_key.in_(keys[start : start + IN_CHUNK])
+                )
+            )
+        await session.execute(update(BasculeFolder).where(BasculeFolder.id.in_(folder_ids)).values(checkpoint=None))
