@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import click
+
 from balf.config.loader import ConfigError, load_config
 from balf.config.schema import Config
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
+
 from balf.cli.context import fail, run_async, state
 from balf.db.engine import create_engine
 from balf.db.migrate import current, upgrade

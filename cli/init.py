@@ -6,6 +6,7 @@ import secrets
 from pathlib import Path
 
 import click
+
 from balf.cli.context import fail, run_async, state
 from balf.config.example import render_example
 from balf.config.loader import ConfigError, load_config

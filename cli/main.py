@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from balf.cli import bascule, database, demo, init, serve, service, spool
 from balf.cli.context import CliState
 

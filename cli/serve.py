@@ -6,12 +6,13 @@ import asyncio
 import importlib
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
+
 from balf.cli.context import fail, state
 from balf.cli.logs import setup_logging
 from balf.cli.supervisor import PartSpec, Supervisor
 from balf.config.loader import ConfigError
 from balf.config.schema import Config
-from sqlalchemy.exc import SQLAlchemyError
 
 
 def build_parts(config: Config) -> list[PartSpec]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+
 from balf.cli.context import fail, run_async, state
 from balf.db.directory import DirectoryError, ServiceView, add_services, get_service, list_services
 from balf.db.engine import create_engine, session_factory

@@ -17,12 +17,13 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from balf.cli.logs import setup_logging
 from balf.config.loader import ConfigError, load_config
 from balf.config.schema import Config
 from balf.db.engine import create_engine
 from balf.db.migrate import current, upgrade
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger("balf.daemon")
 
