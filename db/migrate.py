@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
+# Alembic is imported inside the functions: it costs a tenth of a second that every CLI
+# command would otherwise pay, and only `db upgrade`, `init` and `serve` start-up need it.
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
 def alembic_config(url: str) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -28,6 +33,8 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
 
 
 def _upgrade_sync(connection: object, url: str, revision: str) -> None:
+    from alembic import command
+
     cfg = alembic_config(url)
     cfg.attributes["connection"] = connection
     command.upgrade(cfg, revision)
@@ -35,6 +42,9 @@ def _upgrade_sync(connection: object, url: str, revision: str) -> None:
 
 async def current(engine: AsyncEngine) -> tuple[str | None, str]:
     """(the revision the database is at or None if never migrated, the latest revision)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config(str(engine.url))).get_current_head() or ""
     async with engine.connect() as conn:
         rev = await conn.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())
