@@ -1,0 +1,204 @@
+"""The gateway's part of the daemon (I/O): listeners, indexer, workers and notifier in one TaskGroup.
+
+``run_gateway`` is what `balf serve`'s supervisor runs; ``python -m balf.gateway.daemon
+--config FILE`` runs the gateway alone (tests, and a gateway-only node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from balf.config.schema import Config
+from balf.gateway.errors import DatabaseUnavailable
+from balf.gateway.ledger import SqlLedger
+from balf.gateway.notify import RelaySettings, notify_loop
+from balf.gateway.services import ServiceTable
+from balf.gateway.smtp import (
+    Directory,
+    GatewayHandler,
+    SessionLimits,
+    start_listener,
+    stop_listener,
+    tls_context,
+)
+from balf.gateway.spool import FileSpool
+from balf.gateway.store import ImapStore, MailStore
+from balf.gateway.worker import Breaker, Context, WorkerSettings, deliver_loop, index_loop
+
+log = logging.getLogger("balf.gateway.daemon")
+
+
+def instance_name(config: Config) -> str:
+    if config.gateway.instance:
+        return config.gateway.instance
+    digest = hashlib.sha256(config.spool_dir.encode()).hexdigest()[:8]
+    return f"{socket.gethostname()}:{digest}"[:100]
+
+
+def secret_of(config: Config) -> bytes:
+    if len(config.gateway.secret) < 16:
+        from balf.config.loader import ConfigError
+
+        raise ConfigError("'gateway.secret' must be at least 16 characters (32+ random bytes advised); "
+                          "set it in the file or with BALF_GATEWAY__SECRET, or run `balf init`")
+    return config.gateway.secret.encode()
+
+
+def worker_settings(config: Config) -> WorkerSettings:
+    g = config.gateway
+    return WorkerSettings(
+        secret=secret_of(config), domain=g.domain, workers=g.workers, lease=g.claim_lease,
+        retry_delay=g.retry_delay, retry_max_delay=g.retry_max_delay, retry_max_age=g.retry_max_age,
+        acknowledge=g.acknowledge, acknowledgements_per_day=g.acknowledgements_per_day,
+        portal_url=g.portal_url)
+
+
+def make_store(config: Config) -> ImapStore:
+    i = config.imap
+    return ImapStore(host=i.host, port=i.port, master_user=i.master_user,
+                     master_password=i.master_password, pool_size=i.pool_size, timeout=i.timeout,
+                     tls=i.tls)
+
+
+def make_ledger(config: Config, engine: AsyncEngine) -> SqlLedger:
+    return SqlLedger(engine, secret=secret_of(config), domain=config.gateway.domain,
+                     instance=instance_name(config))
+
+
+@dataclass
+class Gateway:
+    """Handles the running parts expose (tests read counters and ports from it)."""
+
+    spool: FileSpool
+    directory: Directory
+    context: Context
+    smtp_server: asyncio.Server | None = None
+    lmtp_server: asyncio.Server | None = None
+
+
+async def refresh_directory(ledger: SqlLedger, directory: Directory, stop: asyncio.Event,
+                            every: float) -> None:
+    breaker = Breaker(0.5, cap=every)
+    while not stop.is_set():
+        try:
+            directory.table = await ledger.load_services()
+            breaker.reset()
+            wait = every
+        except DatabaseUnavailable as exc:
+            # Keep the last table: RCPT checks go on while the database is down.
+            wait = breaker.trip(asyncio.get_running_loop().time())
+            log.warning("event=directory.reload_failed error=%r kept=%d", exc.detail,
+                        len(directory.table or ServiceTable()))
+        try:
+            await asyncio.wait_for(stop.wait(), wait)
+        except TimeoutError:
+            pass
+
+
+async def run_gateway(config: Config, engine: AsyncEngine, stop: asyncio.Event, *,
+                      store: MailStore | None = None, started: asyncio.Future[Gateway] | None = None) -> None:
+    """Run listeners, indexer, delivery workers and notifier until ``stop`` is set.
+
+    Shutdown order: stop accepting (421 to new sessions), let sessions finish for
+    ``smtp.shutdown_grace`` seconds, then stop the workers (in-flight deliveries finish or are
+    left claimed; their lease expires and they are run again, idempotently). Files spooled but not
+    yet indexed stay in the spool directory and are indexed at the next start.
+    """
+    ledger = make_ledger(config, engine)
+    spool = FileSpool(config.spool_dir, group_commit_ms=config.spool.group_commit_ms,
+                      min_free_bytes=config.spool.min_free_bytes)
+    spool.open()
+    directory = Directory()
+    try:
+        directory.table = await ledger.load_services()
+        released = await ledger.release_claims()
+        if released:
+            log.info("event=worker.released_claims count=%d instance=%s", released, ledger.instance)
+    except DatabaseUnavailable as exc:
+        log.warning("event=gateway.database_down_at_start error=%r", exc.detail)
+    own_store = store is None
+    store = store or make_store(config)
+    ctx = Context(worker_settings(config), ledger, store, lambda: directory.table,
+                  breaker=Breaker(min(config.gateway.retry_delay, 1.0), cap=30.0))
+    gateway = Gateway(spool, directory, ctx)
+    s = config.smtp
+    hostname = s.hostname or socket.getfqdn()
+    tls = tls_context(s.tls_cert, s.tls_key)
+    listeners: list[tuple[asyncio.Server, SessionLimits]] = []
+    for enabled, lmtp, host, port in ((s.enabled, False, s.host, s.port),
+                                      (s.lmtp_enabled, True, s.lmtp_host, s.lmtp_port)):
+        if not enabled:
+            continue
+        limits = SessionLimits(s.max_connections, s.data_timeout)
+        handler = GatewayHandler(directory=directory, spool=spool, secret=secret_of(config),
+                                 hostname=hostname, max_recipients=s.max_recipients, lmtp=lmtp)
+        server = await start_listener(handler, host=host, port=port, limits=limits, lmtp=lmtp,
+                                      hostname=hostname, data_size_limit=s.max_message_size,
+                                      command_timeout=s.command_timeout, tls=tls)
+        listeners.append((server, limits))
+        if lmtp:
+            gateway.lmtp_server = server
+        else:
+            gateway.smtp_server = server
+    if started is not None and not started.done():
+        started.set_result(gateway)
+    workers_stop = asyncio.Event()
+    indexed = asyncio.Event()
+    relay = RelaySettings(config.relay.host, config.relay.port, config.relay.tls,
+                          config.relay.username, config.relay.password)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(refresh_directory(ledger, directory, workers_stop,
+                                             config.gateway.directory_refresh))
+            tg.create_task(index_loop(spool, ledger, workers_stop, indexed))
+            tg.create_task(deliver_loop(ctx, workers_stop, indexed))
+            tg.create_task(notify_loop(ledger, relay, workers_stop))
+            await stop.wait()
+            log.info("event=gateway.stopping")
+            for server, limits in listeners:
+                await stop_listener(server, limits, s.shutdown_grace)
+            workers_stop.set()
+    finally:
+        if own_store:
+            await store.close()
+        log.info("event=gateway.stopped delivered=%d dead=%d", ctx.delivered, ctx.dead)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the gateway alone: ``python -m balf.gateway.daemon --config FILE``."""
+    from balf.config.loader import load_config
+    from balf.db.engine import create_engine
+    from balf.db.migrate import upgrade
+
+    parser = argparse.ArgumentParser(prog="balf-gateway")
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    logging.basicConfig(level=config.log.level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    async def go() -> None:
+        engine = create_engine(config.database_url, pool_size=config.database.pool_size)
+        if config.database.auto_upgrade:
+            await upgrade(engine)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await run_gateway(config, engine, stop)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(go())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The durable file spool written before the 250 reply (I/O: files and fsync).
+
+Layout under the spool directory::
+
+    tmp/<id>      being written; never acknowledged, removed at start-up
+    queue/<id>    acknowledged (250 sent), not yet indexed in the database
+
+A file holds one JSON line (the envelope) then the exact message bytes. ``store`` writes and
+fsyncs the file in a thread, renames it into ``queue/`` and then waits for a directory fsync
+that concurrent sessions share (group commit): a burst of N sessions costs N file fsyncs but
+one directory fsync per ``group_commit_ms`` window. Only then does the SMTP layer answer 250.
+
+The database index (``spool_entries``) then takes over: once a row holding the bytes is
+committed the file is removed (see worker.index_spool). While the database is down files
+simply accumulate here and are indexed when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import errno
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from balf.gateway.errors import PermanentFailure, SpoolUnavailable
+from balf.gateway.model import Envelope, SpooledMessage
+from balf.gateway.parse import sha256_of
+
+log = logging.getLogger("balf.gateway.spool")
+
+
+def encode_entry(envelope: Envelope, raw: bytes, sha256: str) -> bytes:
+    head = {k: (v.isoformat() if isinstance(v, dt.datetime) else v)
+            for k, v in dataclasses.asdict(envelope).items()}
+    head["sha256"] = sha256
+    head["size"] = len(raw)
+    return json.dumps(head, ensure_ascii=True).encode("ascii") + b"\n" + raw
+
+
+def decode_entry(data: bytes) -> SpooledMessage:
+    """The inverse of :func:`encode_entry`; a torn or edited file is a PermanentFailure."""
+    head_bytes, sep, raw = data.partition(b"\n")
+    try:
+        head = json.loads(head_bytes)
+        sha256 = head.pop("sha256")
+        size = head.pop("size")
+        head["recipients"] = tuple(head["recipients"])
+        head["arrived_at"] = dt.datetime.fromisoformat(head["arrived_at"])
+        envelope = Envelope(**head)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PermanentFailure(f"unreadable spool file header: {exc}") from None
+    if not sep or len(raw) != size or sha256_of(raw) != sha256:
+        raise PermanentFailure("spool file truncated or altered (size or SHA-256 mismatch)")
+    return SpooledMessage(envelope, raw, sha256)
+
+
+class FileSpool:
+    """The spool directory; one instance per daemon."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, group_commit_ms: float = 2.0,
+                 min_free_bytes: int = 0) -> None:
+        self.root = Path(directory)
+        self.tmp = self.root / "tmp"
+        self.queue = self.root / "queue"
+        self.group_commit = group_commit_ms / 1000
+        self.min_free_bytes = min_free_bytes
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.flushes = 0  # directory fsyncs done (group commit efficiency = stored / flushes)
+        self.stored = 0
+        self.new_entries: asyncio.Event = asyncio.Event()
+
+    def open(self) -> None:
+        """Create the directories and drop files that were never acknowledged."""
+        for d in (self.tmp, self.queue):
+            d.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp.iterdir():
+            log.info("event=spool.discard_unacknowledged file=%s", leftover.name)
+            leftover.unlink(missing_ok=True)
+
+    async def store(self, envelope: Envelope, raw: bytes) -> SpooledMessage:
+        """Durably store one message; return only once it survives a crash or power cut."""
+        sha256 = sha256_of(raw)
+        data = encode_entry(envelope, raw, sha256)
+        try:
+            await asyncio.to_thread(self._write, envelope.spool_id, data)
+        except OSError as exc:
+            raise SpoolUnavailable(f"spool write failed: {exc.strerror or exc}") from None
+        await self._flush_directory()
+        self.stored += 1
+        self.new_entries.set()
+        return SpooledMessage(envelope, raw, sha256)
+
+    def _write(self, spool_id: str, data: bytes) -> None:
+        st = os.statvfs(self.root)
+        if self.min_free_bytes and st.f_bavail * st.f_frsize - len(data) < self.min_free_bytes:
+            raise OSError(errno.ENOSPC, "less free space than spool.min_free_bytes")
+        tmp = self.tmp / spool_id
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.rename(tmp, self.queue / spool_id)
+
+    async def _flush_directory(self) -> None:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop())
+        await waiter
+
+    async def _flush_loop(self) -> None:
+        while self._waiters:
+            if self.group_commit > 0:
+                await asyncio.sleep(self.group_commit)
+            batch, self._waiters = self._waiters, []
+            try:
+                await asyncio.to_thread(_fsync_dir, self.queue)
+                self.flushes += 1
+            except OSError as exc:
+                err = SpoolUnavailable(f"spool directory fsync failed: {exc.strerror or exc}")
+                for w in batch:
+                    if not w.done():
+                        w.set_exception(err)
+                continue
+            for w in batch:
+                if not w.done():
+                    w.set_result(None)
+
+    # --- reading back (indexer, recovery, `balf spool`) -----------------------------------
+
+    def pending(self) -> Iterator[Path]:
+        """Acknowledged files not yet indexed, oldest first (ids sort by time)."""
+        try:
+            names = sorted(p.name for p in self.queue.iterdir())
+        except FileNotFoundError:
+            return iter(())
+        return (self.queue / n for n in names)
+
+    def read(self, path: Path) -> SpooledMessage:
+        return decode_entry(path.read_bytes())
+
+    def remove(self, spool_ids: list[str]) -> None:
+        for spool_id in spool_ids:
+            (self.queue / spool_id).unlink(missing_ok=True)
+        if spool_ids:
+            _fsync_dir(self.queue)
+
+    def quarantine(self, path: Path, reason: str) -> None:
+        """Move an unreadable file aside (never deleted: an administrator looks at it)."""
+        bad = self.root / "corrupt"
+        bad.mkdir(exist_ok=True)
+        os.rename(path, bad / path.name)
+        log.error("event=spool.corrupt file=%s reason=%r", path.name, reason)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
