@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import email
 import email.policy
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -58,10 +60,20 @@ def test_maildir_and_eml_round_trip(tmp_path: Path, dovecot, db_url: str) -> Non
     t1 = new_user(dovecot, "maildir-rt")
     t2 = new_user(dovecot, "eml-rt")
     config = write_config(tmp_path, db_url, dovecot)
+    # A Maildir's INTERNALDATE is its files' mtime (as Dovecot keeps it); git keeps neither
+    # mtimes nor the empty new/ and tmp/ folders, so the fixture is copied and dated here.
+    maildir_copy = tmp_path / "maildir"
+    shutil.copytree(DATA / "maildir", maildir_copy)
+    delivered = dt.datetime(2024, 1, 10, 8, 0, 5, tzinfo=dt.UTC)
+    for box in [maildir_copy, *(p for p in maildir_copy.iterdir() if p.name.startswith("."))]:
+        for sub in ("cur", "new", "tmp"):
+            (box / sub).mkdir(exist_ok=True)
+            for message in (box / sub).iterdir():
+                os.utime(message, (delivered.timestamp(), delivered.timestamp()))
     plan = write_plan(
         tmp_path,
         [
-            ("sip-maildir", f"maildir:{DATA / 'maildir'}", t1.username, ""),
+            ("sip-maildir", f"maildir:{maildir_copy}", t1.username, ""),
             ("sip-eml", f"eml:{DATA / 'eml'}", t2.username, ""),
         ],
     )
@@ -70,14 +82,14 @@ def test_maildir_and_eml_round_trip(tmp_path: Path, dovecot, db_url: str) -> Non
     assert result.exit_code == 0, result.output
 
     maildir = fetch_all(t1)
-    source = MaildirSource(DATA / "maildir")
+    source = MaildirSource(maildir_copy)
     for folder in source.folders():
         expected = [m.raw for m in source.messages(folder)]
         name = "INBOX" if folder.path == ("INBOX",) else "/".join(folder.path)
         assert sorted(m.raw for m in maildir[name]) == sorted(expected)
     reclam = maildir["Réclamations"][0]
     assert reclam.flags >= {"\\Flagged", "\\Seen", "$Forwarded"}
-    assert reclam.internaldate == dt.datetime(2024, 1, 10, 8, 0, 5, tzinfo=dt.UTC)
+    assert reclam.internaldate == delivered
 
     eml = fetch_all(t2)
     assert [m.raw for m in eml["Réclamations/2024"]] == [
