@@ -6,13 +6,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 
 from balf.cli.context import fail, run_async, state
 from balf.db.engine import create_engine
 from balf.db.migrate import current, upgrade
 
 T = TypeVar("T")
-from sqlalchemy.exc import SQLAlchemyError
 
 
 @click.group("db")

@@ -6,6 +6,8 @@ import secrets
 from pathlib import Path
 
 import click
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from balf.cli.context import fail, run_async, state
 from balf.config.example import render_example
@@ -26,10 +28,14 @@ def command(ctx: click.Context, directory: Path | None, force: bool) -> None:
     Running it again on an existing setup only upgrades the database.
     """
     cli_config = state(ctx).config_path
-    if directory is None:
-        directory = Path("/var/lib/balf")
-    directory = directory.absolute()
-    config_file = Path(cli_config) if cli_config else directory / "balf.toml"
+    config_file = Path(cli_config) if cli_config else None
+    if directory is None and config_file is not None and config_file.exists():
+        try:  # an existing --config names the data directory
+            directory = Path(load_config(config_file).data_dir)
+        except ConfigError as exc:
+            fail(str(exc), 2)
+    directory = (directory or Path("/var/lib/balf")).absolute()
+    config_file = config_file or directory / "balf.toml"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "spool").mkdir(exist_ok=True)
@@ -53,8 +59,12 @@ def command(ctx: click.Context, directory: Path | None, force: bool) -> None:
         config = load_config(config_file)
     except ConfigError as exc:
         fail(str(exc), 2)
-    revision = run_async(_create_database, config.database_url)
-    click.echo(f"database ready at revision {revision}: {config.database_url}")
+    shown_url = make_url(config.database_url).render_as_string(hide_password=True)
+    try:
+        revision = run_async(_create_database, config.database_url)
+    except (SQLAlchemyError, OSError) as exc:
+        fail(f"cannot create the database {shown_url}: {str(exc).splitlines()[0]}; check [database] url")
+    click.echo(f"database ready at revision {revision}: {shown_url}")
     click.echo(f"next: balf --config {config_file} serve")
 
 

@@ -1,10 +1,12 @@
 """The daemon's supervisor (I/O): one asyncio.TaskGroup over balf's parts, signals, systemd.
 
-Every part is ``async def part(config, engine, stop: asyncio.Event) -> None`` and returns
-soon after ``stop`` is set. SIGTERM/SIGINT stop all parts; SIGHUP re-reads the configuration
-and restarts only the parts whose sections changed (an invalid file is refused and the
-running configuration kept). A part that crashes stops the daemon with a non-zero exit,
-like a failed unit, rather than running half a gateway.
+Every part is ``async def part(config, engine, stop, *, started) -> None``: it resolves the
+``started`` future once it serves (its sockets are bound) and returns soon after ``stop`` is
+set. READY=1 goes to systemd only when every part has started, so "active" means port 25
+answers. SIGTERM/SIGINT stop all parts; SIGHUP re-reads the configuration and restarts only the
+parts whose sections changed; a file that does not load, or that a part cannot start with
+(a port in use), is refused and the running configuration kept. A part that crashes otherwise
+stops the daemon with a non-zero exit, like a failed unit, rather than running half a gateway.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -27,7 +30,8 @@ from balf.db.migrate import current, upgrade
 
 log = logging.getLogger("balf.daemon")
 
-Part = Callable[[Config, AsyncEngine, asyncio.Event], Awaitable[None]]
+Part = Callable[..., Awaitable[None]]
+START_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -67,24 +71,34 @@ class Supervisor:
         self.parts = parts
         self.stopping = asyncio.Event()
         self._part_stops: dict[str, asyncio.Event] = {}
+        self._part_configs: dict[str, Config] = {}
+        self._started: dict[str, asyncio.Future[Any]] = {}
         self._reload = asyncio.Event()
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Signals first: a SIGTERM during a long migration still stops us cleanly.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         engine = create_engine(self.config.database_url, pool_size=self.config.database.pool_size)
         try:
             await self._prepare_database(engine)
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._on_stop, sig)
-            loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+            if self.stopping.is_set():
+                return
             async with asyncio.TaskGroup() as group:
                 for spec in self.parts:
+                    self._started[spec.name] = loop.create_future()
                     group.create_task(self._keep_running(spec), name=spec.name)
+                await asyncio.wait_for(asyncio.gather(*self._started.values()), START_TIMEOUT)
                 group.create_task(self._watch_reload(), name="reload")
-                sd_notify("READY=1\nSTATUS=running")
-                log.info("event=daemon.ready parts=%s", ",".join(p.name for p in self.parts))
+                if not self.stopping.is_set():
+                    sd_notify("READY=1\nSTATUS=running")
+                    log.info("event=daemon.ready parts=%s", ",".join(p.name for p in self.parts))
         finally:
             sd_notify("STOPPING=1")
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
             await engine.dispose()
             log.info("event=daemon.stopped")
 
@@ -102,17 +116,37 @@ class Supervisor:
         self.stopping.set()
         for event in self._part_stops.values():
             event.set()
+        for future in self._started.values():
+            if not future.done():
+                future.set_result(None)  # nothing to wait for any more
         self._reload.set()  # wake the reload watcher so it ends too
 
     async def _keep_running(self, spec: PartSpec) -> None:
         """Run one part; run it again after a reload asked it to stop."""
+        known_good: Config | None = None
         while not self.stopping.is_set():
+            config = self._part_configs.get(spec.name, self.config)
             stop = self._part_stops[spec.name] = asyncio.Event()
+            started: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            started.add_done_callback(lambda _: self._mark_started(spec.name))
             log.info("event=part.starting part=%s", spec.name)
-            await spec.run(self.config, self.engine, stop)
+            try:
+                await spec.run(config, self.engine, stop, started=started)
+            except Exception as exc:
+                if started.done() or known_good is None:
+                    raise  # a crash while serving, or the first start: the daemon fails
+                log.error("event=config.refused part=%s kept=running error=%r", spec.name, str(exc))
+                self._part_configs[spec.name] = known_good
+                continue
             log.info("event=part.stopped part=%s", spec.name)
             if not stop.is_set():
                 raise RuntimeError(f"part {spec.name} ended on its own")
+            known_good = config
+
+    def _mark_started(self, name: str) -> None:
+        future = self._started.get(name)
+        if future is not None and not future.done():
+            future.set_result(None)
 
     async def _watch_reload(self) -> None:
         while True:
@@ -137,6 +171,7 @@ class Supervisor:
         for spec in self.parts:
             if changed & set(spec.sections):
                 log.info("event=part.restarting part=%s reason=config", spec.name)
+                self._part_configs[spec.name] = new
                 self._part_stops[spec.name].set()
         log.info("event=config.reloaded changed=%s", ",".join(sorted(changed)) or "nothing")
         sd_notify("READY=1")

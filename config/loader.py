@@ -103,7 +103,7 @@ def _build(cls: type, data: Mapping[str, Any], source: str, prefix: str) -> Any:
     for name, value in data.items():
         where = f"{prefix}{name}"
         if name not in fields:
-            origin = value.variable if isinstance(value, _EnvValue) else source
+            origin = _origin_of(value, source)
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{origin}: unknown key '{where}'; known keys here: {known}")
         hint = hints[name]
@@ -115,6 +115,15 @@ def _build(cls: type, data: Mapping[str, Any], source: str, prefix: str) -> Any:
         else:
             values[name] = _convert(value, hint, where, source, fields[name].metadata)
     return cls(**values)
+
+
+def _origin_of(value: Any, source: str) -> str:
+    """The environment variable a value came from, else the file."""
+    if isinstance(value, _EnvValue):
+        return value.variable
+    if isinstance(value, dict) and value and all(isinstance(v, _EnvValue) for v in value.values()):
+        return next(iter(value.values())).variable  # a whole section made up from the environment
+    return source
 
 
 def _convert(value: Any, hint: Any, where: str, source: str, meta: Mapping[str, Any]) -> Any:
@@ -140,6 +149,8 @@ def _convert(value: Any, hint: Any, where: str, source: str, meta: Mapping[str, 
         raise ConfigError(f"{origin}: '{where}' must be one of {', '.join(choices)}; got {value!r}")
     if hint in (int, float) and value < 0:
         raise ConfigError(f"{origin}: '{where}' must be zero or more, got {value}")
+    if hint is int and where.endswith("port") and not 1 <= value <= 65535:
+        raise ConfigError(f"{origin}: '{where}' must be a port number from 1 to 65535, got {value}")
     return value
 
 

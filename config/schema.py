@@ -62,7 +62,6 @@ class ImapConfig:
     master_password: str = key("", "Master user's password (better set it with BALF_IMAP__MASTER_PASSWORD).")
     pool_size: int = key(2, "IMAP connections kept open per mailbox for deliveries.")
     timeout: float = key(30.0, "Seconds any one IMAP command may take.")
-    managed: bool = key(False, "Start a private Dovecot under <data_dir>/dovecot (embedded defaults for a first run).")
 
 
 @dataclass(frozen=True)
@@ -102,18 +101,6 @@ class RelayConfig:
     tls: str = key("none", "\"none\", \"starttls\" or \"ssl\".", TLS_MODES)
     username: str = key("", "Smarthost login, if any.")
     password: str = key("", "Smarthost password (BALF_RELAY__PASSWORD).")
-    submission_enabled: bool = key(False, "Accept the agents' replies on a submission port.")
-    submission_host: str = key("127.0.0.1", "Submission listener address.")
-    submission_port: int = key(5587, "Submission port (AUTH only after STARTTLS).")
-
-
-@dataclass(frozen=True)
-class WebConfig:
-    """The counters web page and JSON API."""
-
-    enabled: bool = key(True, "Serve the counters page.")
-    host: str = key("127.0.0.1", "Address the web server binds.")
-    port: int = key(8025, "Web port.")
 
 
 @dataclass(frozen=True)
@@ -148,7 +135,6 @@ class Config:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
-    web: WebConfig = field(default_factory=WebConfig)
     bascule: BasculeConfig = field(default_factory=BasculeConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

@@ -31,7 +31,8 @@ def test_help_lists_the_command_groups() -> None:
     [
         ("[smtp]\nprot = 25\n", {}, "unknown key 'smtp.prot'"),
         ("[smtp]\nport = 'x'\n", {}, "'smtp.port' must be a whole number"),
-        ("", {"BALF_DATABASE__AUTO_UPGRADE": "maybe"}, "BALF_DATABASE__AUTO_UPGRADE: 'database.auto_upgrade' must be true or false"),
+        ("", {"BALF_DATABASE__AUTO_UPGRADE": "maybe"},
+         "BALF_DATABASE__AUTO_UPGRADE: 'database.auto_upgrade' must be true or false"),
     ],
 )
 def test_a_wrong_configuration_is_one_line_and_exit_2(
@@ -80,3 +81,14 @@ def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
     result = balf("--config", str(config), "db", "upgrade")
     assert result.returncode == 1
     assert "cannot use the database" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_init_with_an_unreachable_database_is_one_line_without_the_password(tmp_path: Path) -> None:
+    config = tmp_path / "balf.toml"
+    config.write_text(f'data_dir = "{tmp_path}/data"\n[database]\n'
+                      'url = "postgresql+asyncpg://balf:s3cret@127.0.0.1:1/balf"\n')
+    result = balf("--config", str(config), "init")
+    assert result.returncode == 1
+    assert "cannot create the database postgresql+asyncpg://balf:***@127.0.0.1:1/balf" in result.stderr
+    assert "s3cret" not in result.stderr + result.stdout and "Traceback" not in result.stderr
+    assert (tmp_path / "data").is_dir()  # the data directory comes from --config's data_dir

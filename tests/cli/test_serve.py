@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.ports import free_port
+from tests.harness.ports import free_port, port_is_open
 
 
 class NotifySocket:
@@ -66,6 +66,8 @@ def test_serve_notifies_ready_reloads_and_stops_cleanly(
     proc, notify, config, log = served
     notify.wait_for("READY=1")
     assert proc.poll() is None
+    port = int(next(line for line in config.read_text().splitlines() if line.startswith("port = ")).split("=")[1])
+    assert port_is_open(port)  # READY means the SMTP listener is bound
 
     # A broken file on reload is refused; the daemon keeps running on the old configuration.
     good = config.read_text()
@@ -73,6 +75,20 @@ def test_serve_notifies_ready_reloads_and_stops_cleanly(
     proc.send_signal(signal.SIGHUP)
     notify.wait_for("READY=1")
     assert proc.poll() is None
+
+    # A file that loads but that the gateway cannot start with (its port is taken) is refused
+    # too: the gateway comes back on the running configuration.
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        config.write_text(good.replace(f"port = {port}", f"port = {taken}"))
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("READY=1")
+        deadline = time.monotonic() + 30
+        while "event=config.refused part=gateway" not in log.read_text() or not port_is_open(port):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
 
     config.write_text(good.replace('level = "INFO"', 'level = "DEBUG"'))
     proc.send_signal(signal.SIGHUP)
@@ -84,6 +100,7 @@ def test_serve_notifies_ready_reloads_and_stops_cleanly(
     text = log.read_text()
     assert "event=config.refused kept=running" in text
     assert "event=config.reloaded changed=log" in text
+    assert "event=config.reloaded changed=smtp" in text
     assert "event=daemon.stopped" in text
     assert "Traceback" not in text
     for line in text.strip().splitlines():  # structured: timestamp level logger message key=value

@@ -18,7 +18,7 @@ def test_defaults_are_embedded_sqlite_and_loopback() -> None:
     config = build_config({}, {}, source="t.toml")
     assert config.database_url.startswith("sqlite+aiosqlite:///")
     assert config.smtp.host == "127.0.0.1" and config.smtp.port == 2525
-    assert config.web.host == "127.0.0.1"
+    assert config.imap.host == "127.0.0.1"
 
 
 def test_file_values_and_environment_overrides() -> None:
@@ -49,6 +49,9 @@ def test_file_values_and_environment_overrides() -> None:
         ({}, {"BALF_SMTP__PORT": "twenty"}, "BALF_SMTP__PORT: 'smtp.port' must be a whole number, got 'twenty'"),
         ({}, {"BALF_SMTP__PORTE": "1"}, "BALF_SMTP__PORTE: unknown key 'smtp.porte'"),
         ({}, {"BALF_SMTP": "1"}, "BALF_SMTP: 'smtp' is a section; set its keys as BALF_SMTP__<KEY>"),
+        ({}, {"BALF_SMTPP__PORT": "1"}, "BALF_SMTPP__PORT: unknown key 'smtpp'"),
+        ({"smtp": {"port": 70000}}, {}, "t.toml: 'smtp.port' must be a port number from 1 to 65535, got 70000"),
+        ({}, {"BALF_IMAP__PORT": "0"}, "BALF_IMAP__PORT: 'imap.port' must be a port number from 1 to 65535, got 0"),
     ],
 )
 def test_errors_name_the_origin_the_key_and_what_is_expected(
