@@ -485,11 +485,11 @@ def main() -> None:
             target = server.add_user("bench-balf-big")
             work = base / "balf-big"
             work.mkdir()
-            seconds, rss, _rerun = run_balf(server, big_source, target, work, args.connections)
+            seconds, rss, rerun = run_balf(server, big_source, target, work, args.connections)
             memory.append((big_count, rss))
             print(
                 f"balf x{args.scale}: {big_count} messages, {big_size / 1e6:.0f} MB in {seconds:.1f} s "
-                f"({big_count / seconds:.0f} msg/s), peak {rss:.0f} MB",
+                f"({big_count / seconds:.0f} msg/s), peak {rss:.0f} MB, rerun {rerun:.2f} s",
                 flush=True,
             )
 

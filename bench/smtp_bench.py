@@ -1,5 +1,7 @@
 """SMTP end-to-end benchmark: balf vs a private Postfix -> LMTP -> the same private Dovecot.
 
+balf runs as configured by default: the listener process (SMTP, spool, indexer) and one
+delivery process (batches of 64: one MULTIAPPEND per mailbox, one record transaction).
 Both are loaded with Postfix's ``smtp-source`` (20 sessions of 20 KB messages, split over
 ``--mailboxes`` recipients: one smtp-source per recipient). "End to end" ends when every message
 is a file in the recipient's Maildir (and, for balf, recorded: spool entries done). Then a paced
@@ -57,13 +59,18 @@ def maildir_count(dovecot: Dovecot, users: list[str]) -> int:
 
 
 def rss_kb(pid: int) -> int:
+    """RSS of ``pid`` and its children (balf's delivery process)."""
+    total = 0
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
-                return int(line.split()[1])
+                total += int(line.split()[1])
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += rss_kb(int(child))
     except OSError:
         pass
-    return 0
+    return total
 
 
 def run_smtp_source(port: int, rcpts: list[str], messages: int, sessions: int, size: int) -> float:

@@ -5,10 +5,12 @@ header line. Required columns: ``mailbox``, ``source``, ``target_account``; opti
 ``planned_date`` (YYYY-MM-DD or DD/MM/YYYY), ``options`` (``key=value`` pairs separated by spaces)
 and any option as a column of its own. Options:
 
-    domino=yes                    compare Message-IDs on their local part (Domino rewrites domains)
+    domino=yes|no                 compare Message-IDs on their local part (Domino rewrites domains);
+                                  absent: detected from the IMAP source (see ``bridge.domino``)
     folder_map=Src>Dst|Src2>-     map source folders ("/"-paths) to target folders; "-" skips one
     exclude=Pattern|Pattern2      fnmatch patterns of source folders not to copy
-    password_env=VAR / password_file=PATH / tls=none|starttls|ssl     IMAP source login
+    password_env=VAR / password_file=PATH / tls=none|starttls|ssl     IMAP source login; never
+                                  ``password=`` nor a password in the URI: the plan is kept in the database
     names_file=PATH               DXL: Notes name;address lines
     folders_file=PATH             DXL: UNID;folder lines, or a directory of exported folder views
     unfiled_folder=NAME           DXL: where documents filed in no folder go
@@ -21,6 +23,7 @@ import csv
 import datetime as dt
 import io
 import re
+import urllib.parse
 
 from balf.bridge.errors import PlanError
 from balf.bridge.model import MailboxOptions, PlannedMailbox
@@ -32,7 +35,6 @@ OPTION_KEYS = (
     "dedup_local_part",
     "folder_map",
     "exclude",
-    "password",
     "password_env",
     "password_file",
     "tls",
@@ -41,6 +43,16 @@ OPTION_KEYS = (
     "unfiled_folder",
     "max_message_size",
 )
+# Written by balf, not by the plan: the Message-ID mode detected from the source, kept so that
+# every later run and verification of the mailbox uses the same keys.
+DOMINO_DETECTED = "domino_detected"
+DOMINO_EVIDENCE = "domino_evidence"
+INTERNAL_KEYS = (DOMINO_DETECTED, DOMINO_EVIDENCE)
+NO_PASSWORD = (
+    "a password in the plan is refused (the plan is kept in the database): "
+    "use password_env=VARIABLE or password_file=/path/to/file"
+)
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TRUE = {"1", "yes", "oui", "true", "vrai", "on"}
 _FALSE = {"0", "no", "non", "false", "faux", "off", ""}
 DEPARTMENT = re.compile(r"^(?:\d{2}|2[AB]|\d{3})$")
@@ -78,12 +90,16 @@ def parse_option_pairs(text: str, where: str) -> dict[str, str]:
 
 def parse_options(raw: dict[str, str], where: str = "options") -> MailboxOptions:
     """Validate a mailbox's options (as stored in BasculeJob.options) into a MailboxOptions."""
-    unknown = sorted(set(raw) - set(OPTION_KEYS))
+    if "password" in raw:
+        raise PlanError(f"{where}: {NO_PASSWORD}")
+    unknown = sorted(set(raw) - set(OPTION_KEYS) - set(INTERNAL_KEYS))
     if unknown:
         raise PlanError(f"{where}: unknown option(s) {', '.join(unknown)} (known: {', '.join(OPTION_KEYS)})")
 
-    def flag(name: str) -> bool:
+    def flag(name: str) -> bool | None:
         value = raw.get(name, "").strip().lower()
+        if not value:
+            return None
         if value in _TRUE:
             return True
         if value in _FALSE:
@@ -102,12 +118,35 @@ def parse_options(raw: dict[str, str], where: str = "options") -> MailboxOptions
     size = raw.get("max_message_size", "").strip()
     if size and not size.isdigit():
         raise PlanError(f"{where}: max_message_size={size!r} is not a number of bytes")
+    env = raw.get("password_env") or None
+    if env is not None and not _ENV_NAME.match(env):
+        raise PlanError(f"{where}: password_env={env!r} is not an environment variable name")
+    explicit = flag("domino")
+    if explicit is None:
+        explicit = flag("dedup_local_part")
+    detected = flag(DOMINO_DETECTED)
+    evidence = raw.get(DOMINO_EVIDENCE, "")
+    if explicit is not None:
+        mode = (
+            "partie locale des Message-ID (Domino, imposé par le plan)"
+            if explicit
+            else ("Message-ID entiers (domino=non imposé par le plan)")
+        )
+    elif detected is not None:
+        mode = (
+            f"partie locale des Message-ID (Domino détecté: {evidence})"
+            if detected
+            else f"Message-ID entiers (pas de Domino: {evidence})"
+        )
+    else:
+        mode = "Message-ID entiers"
     return MailboxOptions(
-        dedup_local_part=flag("domino") or flag("dedup_local_part"),
+        dedup_local_part=bool(explicit if explicit is not None else detected),
+        domino=explicit,
+        dedup_mode=mode,
         folder_map=tuple(folder_map),
         exclude=tuple(filter(None, (p.strip() for p in raw.get("exclude", "").split("|")))),
-        password=raw.get("password") or None,
-        password_env=raw.get("password_env") or None,
+        password_env=env,
         password_file=raw.get("password_file") or None,
         tls=tls,
         names_file=raw.get("names_file") or None,
@@ -115,6 +154,27 @@ def parse_options(raw: dict[str, str], where: str = "options") -> MailboxOptions
         max_message_size=int(size) if size else None,
         unfiled_folder=raw.get("unfiled_folder") or None,
     )
+
+
+def check_secrets(source: str, options: dict[str, str], where: str) -> None:
+    """No password in what the database keeps: not in the URI, not as an option; an IMAP source
+    names where its password is (an environment variable or a file). PlanError otherwise; the
+    message never repeats the password."""
+    if "password" in options:
+        raise PlanError(f"{where}: {NO_PASSWORD}")
+    if not source.lower().startswith(("imap:", "imaps:")):
+        return
+    try:
+        password = urllib.parse.urlsplit(source).password
+    except ValueError as exc:
+        raise PlanError(f"{where}: source is not a valid URI ({exc})") from exc
+    if password is not None:
+        raise PlanError(f"{where}: {NO_PASSWORD} (and imap://user@host, without ':password')")
+    given = [k for k in ("password_env", "password_file") if options.get(k)]
+    if not given:
+        raise PlanError(f"{where}: IMAP source without password_env=VARIABLE or password_file=/path/to/file")
+    if len(given) == 2:
+        raise PlanError(f"{where}: give password_env or password_file, not both")
 
 
 def parse_campaign(text: str) -> list[PlannedMailbox]:
@@ -145,14 +205,18 @@ def parse_campaign(text: str) -> list[PlannedMailbox]:
         if values["mailbox"] in seen:
             raise PlanError(f"{where}: mailbox {values['mailbox']!r} appears twice")
         seen.add(values["mailbox"])
-        try:
-            validate_uri(values["source"])
-        except PlanError as exc:
-            raise PlanError(f"{where}: {exc}") from exc
         options = parse_option_pairs(values.get("options", ""), where)
-        for key in OPTION_KEYS:
+        for key in (*OPTION_KEYS, "password"):
             if values.get(key):
                 options[key] = values[key]
+        check_secrets(values["source"], options, where)
+        try:
+            validate_uri(values["source"])  # after check_secrets: the URI holds no password
+        except (PlanError, ValueError) as exc:
+            raise PlanError(f"{where}: {exc}") from exc
+        internal = sorted(set(options) & set(INTERNAL_KEYS))
+        if internal:
+            raise PlanError(f"{where}: {', '.join(internal)} is set by balf, not by the plan")
         parse_options(options, where)
         planned.append(
             PlannedMailbox(

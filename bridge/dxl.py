@@ -36,11 +36,25 @@ def _local(tag: str) -> str:
 
 
 def _item_values(item: Any) -> tuple[str, ...]:
-    values: list[str] = []
-    for element in item.iter():
-        if _local(element.tag) in _VALUE_TAGS:
-            values.append("".join(element.itertext()))
-    return tuple(values)
+    """Every value of an item: ``<text>``, ``<datetime>``, ``<number>``, also inside ``<textlist>``,
+    ``<datetimelist>`` (and its ``<datetimepair>``) and ``<numberlist>``."""
+    return tuple(_value_text(element) for element in item.iter() if _local(element.tag) in _VALUE_TAGS)
+
+
+def _value_text(element: Any) -> str:
+    # DTD: text ( #PCDATA | break | nonxmlchar )*: a line break, or a character XML cannot carry
+    parts = [element.text or ""]
+    for child in element:
+        tag = _local(child.tag)
+        if tag == "break":
+            parts.append("\n")
+        elif tag == "nonxmlchar":
+            try:
+                parts.append(chr(int(child.get("value") or "", 16)))
+            except ValueError:
+                pass
+        parts.append(child.tail or "")
+    return "".join(parts)
 
 
 def _richtext_paragraphs(richtext: Any) -> tuple[str, ...]:
@@ -86,31 +100,30 @@ def parse_document(element: Any) -> NotesDocument:
             for sub in child:
                 if _local(sub.tag) == "created":
                     created = "".join(sub.itertext()).strip() or None
+        elif tag == "mime":  # DTD: <document> ( note.prolog, mime?, note.epilog ): a native MIME note
+            mime = _mime_bytes("".join(child.itertext()), child.get("encoding"))
         elif tag == "item":
             name = (child.get("name") or "").casefold()
             for value in child:
                 kind = _local(value.tag)
                 if kind == "richtext" and name == "body":
                     paragraphs = _richtext_paragraphs(value)
-                elif kind == "mime":
-                    text = "".join(value.itertext())
-                    mime = _mime_bytes(text, value.get("encoding"))
+                elif kind == "rawitemdata" and name == "body":
+                    # DTD: the exporter writes <rawitemdata type='1'> when it cannot render rich text
+                    defects.append("corps en texte riche non exporté par Domino (rawitemdata): message sans corps")
+                elif kind == "mime":  # tolerated: older tools put the stream inside the Body item
+                    mime = _mime_bytes("".join(value.itertext()), value.get("encoding"))
                 elif kind == "object":
                     for file in value.iter():
-                        if _local(file.tag) != "file":
-                            continue
-                        data_el = next((d for d in file if _local(d.tag) == "filedata"), None)
-                        fname = file.get("name") or "piece-jointe"
-                        try:
-                            data = base64.b64decode(
-                                "".join(data_el.itertext()) if data_el is not None else "", validate=False
-                            )
-                        except (binascii.Error, ValueError):
-                            defects.append(f"pièce jointe illisible: {fname}")
-                            continue
-                        attachments.append(Attachment(fname, data))
+                        if _local(file.tag) == "file":
+                            attachment = _attachment(file, defects)
+                            if attachment is not None:
+                                attachments.append(attachment)
             if name != "$file":
                 items[name] = items.get(name, ()) + _item_values(child)
+    parent = element.get("parent")  # a response document names its parent's UNID here
+    if parent and not items.get("$ref"):
+        items["$ref"] = (parent,)
     return NotesDocument(
         unid=unid,
         form=element.get("form") or _form_item(items),
@@ -121,6 +134,29 @@ def parse_document(element: Any) -> NotesDocument:
         created=created,
         defects=tuple(defects),
     )
+
+
+def _attachment(file: Any, defects: list[str]) -> Attachment | None:
+    """A ``<file>`` of a ``$FILE`` object (DTD: ``file ( created, modified, filedata? )``, the data
+    Base64); None, with a defect, when its data is absent, not Base64, or left compressed by the
+    exporter (``compression='huffman'|'lz1'``: Domino's own formats, not decoded here)."""
+    name = file.get("name") or "piece-jointe"
+    compression = (file.get("compression") or "none").lower()
+    if compression != "none":
+        defects.append(
+            f"pièce jointe {name}: exportée compressée ({compression}), non jointe; réexporter sans compression"
+        )
+        return None
+    data_el = next((d for d in file if _local(d.tag) == "filedata"), None)
+    if data_el is None:
+        defects.append(f"pièce jointe {name}: absente de l'export (filedata manquant)")
+        return None
+    try:
+        data = base64.b64decode("".join(data_el.itertext()), validate=False)
+    except (binascii.Error, ValueError):
+        defects.append(f"pièce jointe illisible: {name}")
+        return None
+    return Attachment(name, data)
 
 
 def _form_item(items: Mapping[str, tuple[str, ...]]) -> str:

@@ -12,6 +12,7 @@ import datetime as dt
 import imaplib
 import re
 import ssl
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from balf.bridge.errors import (
     SourceUnavailable,
     TargetRefused,
     TargetUnavailable,
+    TemporaryFailure,
 )
 from balf.bridge.keys import dedup_key, key_from_message_id_header
 from balf.bridge.model import Quota, Role, SourceDamage, SourceFolder, SourceItem, SourceMessage
@@ -34,7 +36,8 @@ T = TypeVar("T")
 FETCH_BATCH_BYTES = 8 * 1024 * 1024
 FETCH_BATCH_COUNT = 200
 HEADER_BATCH = 1000
-RECONNECTS = 3
+RECONNECT_DELAYS = (1.0, 3.0, 6.0)  # seconds before each new attempt: a restarting server gets ~10 s
+RECONNECTS = len(RECONNECT_DELAYS)
 _APPENDUID = re.compile(rb"APPENDUID (\d+) ([\d:,]+)", re.I)
 _ROLE_FLAGS = {
     b"\\sent": Role.SENT,
@@ -136,11 +139,20 @@ def uid_sizes(client: IMAPClient, after: int) -> list[tuple[int, int]]:
     return result
 
 
+def _status_triple(info: Any, exists: bytes = b"MESSAGES") -> tuple[int, int | None, int | None]:
+    def number(key: bytes) -> int | None:
+        value = info.get(key)
+        return int(value) if value is not None else None
+
+    return number(exists) or 0, number(b"UIDVALIDITY"), number(b"UIDNEXT")
+
+
 class ImapSource:
     """An IMAP server as a MailSource; Domino-aware (see the module docstring of ``folders``).
 
-    Positions are ``UIDVALIDITY:UID``; a dropped connection is reopened up to RECONNECTS times and
-    reading resumes after the last message handed over.
+    Positions are ``UIDVALIDITY:UID``; a dropped connection is reopened up to RECONNECTS times,
+    RECONNECT_DELAYS apart (a restarting server), and reading resumes after the last message
+    handed over, provided the folder kept its UIDVALIDITY.
     """
 
     kind = "imap"
@@ -149,6 +161,8 @@ class ImapSource:
         self.login = login
         self.remarks: list[tuple[str, str]] = []
         self._client: IMAPClient | None = None
+        self._selected: tuple[int, str] | None = None  # (id of the connection, folder it has selected)
+        self._status: dict[str, tuple[int, int | None, int | None]] = {}  # messages, UIDVALIDITY, UIDNEXT
 
     @property
     def client(self) -> IMAPClient:
@@ -156,20 +170,33 @@ class ImapSource:
             self._client = connect(self.login, for_source=True)
         return self._client
 
-    def _retry(self, fn: Callable[[IMAPClient], T]) -> T:
+    def _retry(self, fn: Callable[[IMAPClient], T], what: str = "") -> T:
+        """``fn(client)``, reconnecting after a dropped connection (or one that cannot be
+        reopened yet: a restarting server) up to RECONNECTS times, waiting RECONNECT_DELAYS."""
         last: BaseException | None = None
-        for _ in range(RECONNECTS + 1):
+        for delay in (0.0, *RECONNECT_DELAYS):
+            if delay:
+                self._sleep(delay)
             try:
                 return fn(self.client)
+            except SourceUnavailable as exc:  # connect() failed: the server is not back yet
+                last = exc
+                self._drop()
             except (TimeoutError, OSError, IMAPClientAbortError, imaplib.IMAP4.abort) as exc:
                 last = exc
                 self._drop()
             except (IMAPClientError, imaplib.IMAP4.error) as exc:
-                raise SourceRefused(f"source IMAP error: {_text(exc)}") from exc
-        raise SourceUnavailable(f"source IMAP connection lost {RECONNECTS + 1} times: {_text(last or Exception())}")
+                raise SourceRefused(f"source IMAP error{' during ' + what if what else ''}: {_text(exc)}") from exc
+        where = f"{self.login.username}@{self.login.host}:{self.login.port}"
+        raise SourceUnavailable(
+            f"source IMAP {where}: connection lost{' during ' + what if what else ''}, "
+            f"{RECONNECTS} reconnections failed ({_text(last or Exception())})"
+        )
+
+    _sleep = staticmethod(time.sleep)  # replaced by tests
 
     def _drop(self) -> None:
-        client, self._client = self._client, None
+        client, self._client, self._selected = self._client, None, None
         if client is not None:
             try:
                 client.shutdown()
@@ -178,6 +205,7 @@ class ImapSource:
 
     def folders(self) -> list[SourceFolder]:
         def go(client: IMAPClient) -> list[SourceFolder]:
+            self._selected = None
             result = []
             for flags, delimiter, name in client.list_folders():
                 lower = {f.lower() if isinstance(f, bytes) else str(f).lower().encode() for f in flags}
@@ -194,18 +222,35 @@ class ImapSource:
                 result.append(SourceFolder(path or (name,), name, role, estimated_count=count, estimated_bytes=size))
             return result
 
-        return self._retry(go)
+        return self._retry(go, "LIST")
 
-    @staticmethod
-    def _sizes(client: IMAPClient, name: str) -> tuple[int, int]:
+    def _sizes(self, client: IMAPClient, name: str) -> tuple[int, int]:
+        """(messages, bytes) of a folder; its UIDVALIDITY and UIDNEXT are kept for ``unchanged_since``."""
         if client.has_capability("STATUS=SIZE"):  # RFC 8438: one command instead of a FETCH of every size
-            status = client.folder_status(name, [b"MESSAGES", b"SIZE"])
+            status = client.folder_status(name, [b"MESSAGES", b"SIZE", b"UIDVALIDITY", b"UIDNEXT"])
+            self._status[name] = _status_triple(status)
             return int(status.get(b"MESSAGES", 0)), int(status.get(b"SIZE", 0))
         info = client.select_folder(name, readonly=True)
+        self._status[name] = _status_triple(info, exists=b"EXISTS")
         if not info.get(b"EXISTS"):
             return 0, 0
         sizes = uid_sizes(client, 0)
         return len(sizes), sum(s for _u, s in sizes)
+
+    def unchanged_since(self, folder: SourceFolder, checkpoint: str | None) -> bool:
+        """True when ``messages(folder, checkpoint)`` would yield nothing, as told by the folder's
+        status when ``folders()`` listed it: no message at all, or the same UIDVALIDITY and no UID
+        given since the checkpoint's (UIDNEXT, RFC 3501 2.3.1.1). Lets a rerun skip the folder."""
+        status = self._status.get(folder.native)
+        if status is None:
+            return False
+        messages, validity, uidnext = status
+        if messages == 0:
+            return True
+        if not checkpoint or validity is None or uidnext is None:
+            return False
+        v, _, u = checkpoint.partition(":")
+        return v.isdigit() and u.isdigit() and int(v) == validity and uidnext <= int(u) + 1
 
     def messages(self, folder: SourceFolder, after: str | None = None) -> Iterator[SourceItem]:
         last_uid = 0
@@ -216,13 +261,14 @@ class ImapSource:
 
         def listing(client: IMAPClient) -> tuple[int, list[tuple[int, int]]]:
             info = client.select_folder(folder.native, readonly=True)
+            self._selected = (id(client), folder.native)
             validity = int(info.get(b"UIDVALIDITY", 0))
             start = last_uid if validity == validity_before else 0
             if not info.get(b"EXISTS"):
                 return validity, []
             return validity, uid_sizes(client, start)
 
-        validity, pending = self._retry(listing)
+        validity, pending = self._retry(listing, f"SELECT {folder.display}")
         if validity_before is not None and validity != validity_before:
             self.remarks.append(("uidvalidity", f"{folder.display}: UIDVALIDITY changed, folder read again"))
         index = 0
@@ -237,12 +283,19 @@ class ImapSource:
                 index += 1
 
             def fetch(client: IMAPClient, uids: list[int] = batch) -> dict[int, dict[bytes, Any]]:
-                client.select_folder(folder.native, readonly=True)
+                if self._selected != (id(client), folder.native):  # a new connection: same UIDs?
+                    info = client.select_folder(folder.native, readonly=True)
+                    if int(info.get(b"UIDVALIDITY", 0)) != validity:
+                        raise TemporaryFailure(
+                            f"source folder {folder.display}: UIDVALIDITY changed while reading; "
+                            "run again to read it anew"
+                        )
+                    self._selected = (id(client), folder.native)
                 return client.fetch(uids, [b"BODY.PEEK[]", b"FLAGS", b"INTERNALDATE"])
 
-            data = self._retry(fetch)
+            data = self._retry(fetch, f"FETCH {folder.display}")
             for uid in batch:
-                item = data.get(uid)
+                item = data.pop(uid, None)  # hold only what is not handed over yet
                 position = f"{validity}:{uid}"
                 if item is None:
                     continue  # expunged meanwhile
@@ -258,6 +311,7 @@ class ImapSource:
         """(position, key, size) of every message of ``folder``: what verification compares."""
 
         def go(client: IMAPClient) -> list[tuple[str, str, int]]:
+            self._selected = None
             info = client.select_folder(folder.native, readonly=True)
             validity = int(info.get(b"UIDVALIDITY", 0))
             uids = client.search(["ALL"]) if info.get(b"EXISTS") else []
@@ -266,7 +320,7 @@ class ImapSource:
                 for u, k, s in fetch_keys(client, sorted(uids), local_part_only=local_part_only)
             ]
 
-        return self._retry(go)
+        return self._retry(go, f"FETCH {folder.display}")
 
     def close(self) -> None:
         if self._client is not None:
@@ -374,6 +428,17 @@ class ImapTarget:
 
     def exists(self, name: str) -> bool:
         return bool(self._call(lambda: self.client.folder_exists(name), f"LIST {name}"))
+
+    def uidvalidity(self, name: str) -> int | None:
+        """The folder's UIDVALIDITY by STATUS (no SELECT), None when there is no such folder."""
+        try:
+            status = self.client.folder_status(name, [b"UIDVALIDITY"])
+        except (TimeoutError, OSError, IMAPClientAbortError, imaplib.IMAP4.abort) as exc:
+            raise TargetUnavailable(f"target IMAP connection lost during STATUS {name}: {_text(exc)}") from exc
+        except (IMAPClientError, imaplib.IMAP4.error):
+            return None  # NO: the folder was deleted (or renamed) since
+        value = status.get(b"UIDVALIDITY")
+        return int(value) if value is not None else None
 
     def select(self, name: str) -> dict[str, Any]:
         def go() -> dict[str, Any]:

@@ -6,7 +6,9 @@ that), then stream the source from the folder's checkpoint in bounded batches. E
 filtered against the recorded keys, spread over several target connections (MULTIAPPEND where
 offered), and recorded with its new checkpoint in one transaction. The next batch is read from
 the source while the current one is appended. Memory is bounded by the batch size, not by the
-mailbox size.
+mailbox size. A folder whose source shows nothing after its checkpoint (IMAP STATUS) is skipped
+on reruns; a target that drops its connections gets new ones and the folder starts again from its
+checkpoint (``copy_folder_again_on_drop``).
 """
 
 from __future__ import annotations
@@ -23,17 +25,25 @@ from typing import Protocol
 
 from balf.bridge import store
 from balf.bridge.campaign import parse_options
-from balf.bridge.errors import BridgeError, PermanentFailure, QuotaExceeded, TargetRefused
+from balf.bridge.errors import (
+    BridgeError,
+    PermanentFailure,
+    QuotaExceeded,
+    TargetRefused,
+    TargetUnavailable,
+    TemporaryFailure,
+)
 from balf.bridge.folders import parents, plan_folders
 from balf.bridge.imap import ImapTarget, Login, TargetInfo
 from balf.bridge.keys import dedup_key
 from balf.bridge.model import FolderPlan, MailboxOptions, SourceDamage, SourceItem, SourceMessage
 from balf.bridge.sources import MailSource, open_source
 from balf.bridge.store import IssueRecord, Sessions
-from balf.db.models import BasculeJob, BasculeState
+from balf.db.models import BasculeFolder, BasculeJob, BasculeState
 
 log = logging.getLogger(__name__)
 
+TARGET_RECONNECT_DELAYS = (1.0, 3.0, 6.0)  # seconds before new target connections after a drop
 KEPT_FLAGS = frozenset({"\\seen", "\\answered", "\\flagged", "\\draft"})
 
 
@@ -61,7 +71,7 @@ class TargetAccess:
 class RunSettings:
     connections: int = 4
     batch_messages: int = 200
-    batch_bytes: int = 16 * 1024 * 1024
+    batch_bytes: int = 8 * 1024 * 1024
     max_message_size: int = 52428800
     dry_run: bool = False
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
@@ -144,17 +154,43 @@ def holder_is_dead(holder: str, me: str) -> bool:
     return False
 
 
-def next_batch(items: Iterator[SourceItem], max_count: int, max_bytes: int) -> list[SourceItem]:
-    """Up to ``max_count`` items or ``max_bytes`` of message bytes (at least one item)."""
-    batch: list[SourceItem] = []
-    size = 0
-    for item in items:
-        batch.append(item)
-        if isinstance(item, SourceMessage):
-            size += item.size
-        if len(batch) >= max_count or size >= max_bytes:
-            break
-    return batch
+class BatchReader:
+    """Cuts a folder's stream of items into batches of at most ``max_count`` items and at most
+    ``max_bytes`` of message bytes; a message bigger than ``max_bytes`` makes a batch alone.
+
+    The byte bound is strict (the item that would cross it starts the next batch), so what a run
+    holds at once (the batch being appended plus the one read ahead) has a ceiling that does not
+    depend on the mailbox: 2 x max(max_bytes, largest message).
+    """
+
+    def __init__(self, items: Iterator[SourceItem], max_count: int, max_bytes: int) -> None:
+        self._items = items
+        self._max_count = max(1, max_count)
+        self._max_bytes = max_bytes
+        self._carried: SourceItem | None = None
+
+    def next(self) -> list[SourceItem]:
+        """The next batch; empty at the end of the stream."""
+        batch: list[SourceItem] = []
+        size = 0
+        while len(batch) < self._max_count:
+            item, self._carried = self._carried, None
+            if item is None:
+                item = next(self._items, None)
+                if item is None:
+                    break
+            item_size = item.size if isinstance(item, SourceMessage) else 0
+            if batch and size + item_size > self._max_bytes:
+                self._carried = item
+                break
+            batch.append(item)
+            size += item_size
+        return batch
+
+    def close(self) -> None:
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()
 
 
 def storable_flags(flags: Sequence[str], permanent: Sequence[str]) -> tuple[str, ...]:
@@ -201,14 +237,15 @@ class MailboxRun:
         self.source: MailSource | None = None
         self.targets: list[ImapTarget] = []
         self.info: TargetInfo | None = None
+        self.folder_outcome: FolderOutcome | None = None  # the folder being copied, so far
+        self.recorded_folders: dict[str, BasculeFolder] = {}  # by source name, as the run started
 
     async def open(self) -> list[FolderPlan]:
         source = await asyncio.to_thread(open_source, self.job.source, self.options, timeout=self.access.timeout)
         self.source = source
         folders = await asyncio.to_thread(source.folders)
-        count = 1 if self.settings.dry_run else max(1, self.settings.connections)
-        login = self.access.login(self.job.target_account)
-        self.targets = list(await asyncio.gather(*(asyncio.to_thread(ImapTarget, login) for _ in range(count))))
+        await self.open_targets(1)  # the others when a folder has something to copy
+        self.recorded_folders = {f.source_name: f for f in await store.folders_of(self.sessions, self.job.id)}
         info = await asyncio.to_thread(self.targets[0].info)
         self.info = info
         if info.append_limit:
@@ -223,8 +260,7 @@ class MailboxRun:
         )
 
     async def close(self) -> None:
-        for target in self.targets:
-            await asyncio.to_thread(target.close)
+        await self.close_targets()
         if self.source is not None:
             await asyncio.to_thread(self.source.close)
 
@@ -233,11 +269,13 @@ class MailboxRun:
         assert self.info is not None
         if not self.info.quota:
             return
+        total = sum(p.source.estimated_bytes or 0 for p in plans if not p.skip)
+        needed = max(0, total - self.job.bytes_copied)
+        if not needed:  # a rerun over a migrated mailbox: nothing more to fit (and GETQUOTAROOT may scan)
+            return
         quota = await asyncio.to_thread(self.targets[0].quota)
         if quota is None or quota.limit is None:
             return
-        total = sum(p.source.estimated_bytes or 0 for p in plans if not p.skip)
-        needed = max(0, total - self.job.bytes_copied)
         if quota.usage + needed > quota.limit:
             raise QuotaExceeded(
                 f"{self.job.mailbox}: the mailbox needs {_mb(needed)} more but the target account "
@@ -245,12 +283,34 @@ class MailboxRun:
                 f"{_mb(quota.limit)} quota; raise the quota or clean the source, then run again"
             )
 
-    async def copy_folder(self, plan: FolderPlan) -> FolderOutcome:
+    async def unchanged(self, plan: FolderPlan, row: BasculeFolder | None) -> bool:
+        """True when a rerun has nothing to do in this folder, known from two STATUS replies
+        instead of a SELECT and a SEARCH on each side: the source has no message after the
+        folder's checkpoint (``unchanged_since``; IMAP sources only) and the target folder is
+        still the one recorded (same UIDVALIDITY). A crash between APPEND and commit leaves the
+        checkpoint behind the source, so such a folder is never skipped."""
+        check = getattr(self.source, "unchanged_since", None)
+        if (
+            row is None
+            or check is None
+            or row.target_uidvalidity is None
+            or row.target_name != plan.target
+            or not check(plan.source, row.checkpoint)
+        ):
+            return False
+        validity = await asyncio.to_thread(self.targets[0].uidvalidity, plan.target)
+        return validity == row.target_uidvalidity
+
+    async def copy_folder(self, plan: FolderPlan, resumed: FolderOutcome | None = None) -> FolderOutcome:
         assert self.source is not None and self.info is not None
         job, settings, sessions = self.job, self.settings, self.sessions
         local = self.options.dedup_local_part
         name = plan.target
+        if resumed is None and await self.unchanged(plan, self.recorded_folders.get(plan.source.display)):
+            return FolderOutcome(plan.source.display, name)
         row = await store.folder_row(sessions, job.id, plan.source.display, name, create=not settings.dry_run)
+        if not settings.dry_run:
+            await self.open_targets()  # the other connections, now that there may be work
         primary = self.targets[0]
         created = False
         if not settings.dry_run:
@@ -283,18 +343,67 @@ class MailboxRun:
 
         items = iter(self.source.messages(plan.source, row.checkpoint))
         outcome = FolderOutcome(plan.source.display, name, created=created)
-        pending = asyncio.ensure_future(
-            asyncio.to_thread(next_batch, items, settings.batch_messages, settings.batch_bytes)
-        )
-        while True:
-            batch = await pending
-            if not batch:
-                break
-            pending = asyncio.ensure_future(
-                asyncio.to_thread(next_batch, items, settings.batch_messages, settings.batch_bytes)
-            )
-            outcome = await self._copy_batch(plan, row.id, batch, permanent, outcome)
+        if resumed is not None:  # a previous attempt on this folder copied some before failing
+            outcome = replace(resumed, created=resumed.created or created)
+        self.folder_outcome = outcome
+        reader = BatchReader(items, settings.batch_messages, settings.batch_bytes)
+        pending = asyncio.ensure_future(asyncio.to_thread(reader.next))
+        try:
+            while True:
+                batch = await pending
+                if not batch:
+                    break
+                pending = asyncio.ensure_future(asyncio.to_thread(reader.next))  # read ahead while appending
+                outcome = await self._copy_batch(plan, row.id, batch, permanent, outcome)
+                self.folder_outcome = outcome
+        finally:
+            # A failed append must not leave the read-ahead thread using the source connection
+            # while the folder is retried or the source closed: wait for it, then end the reader.
+            await asyncio.gather(pending, return_exceptions=True)
+            await asyncio.to_thread(reader.close)
         return outcome
+
+    async def open_targets(self, count: int | None = None) -> None:
+        """Open target connections up to ``count`` (default: ``connections``, one for a dry run);
+        all or none of the new ones."""
+        if count is None:
+            count = 1 if self.settings.dry_run else max(1, self.settings.connections)
+        if len(self.targets) >= count:
+            return
+        login = self.access.login(self.job.target_account)
+        opened = await asyncio.gather(
+            *(asyncio.to_thread(ImapTarget, login) for _ in range(count - len(self.targets))), return_exceptions=True
+        )
+        failures = [t for t in opened if isinstance(t, BaseException)]
+        self.targets.extend(t for t in opened if isinstance(t, ImapTarget))
+        if failures:
+            await self.close_targets()
+            raise failures[0]
+
+    async def close_targets(self) -> None:
+        targets, self.targets = self.targets, []
+        for target in targets:
+            await asyncio.to_thread(target.close)
+
+    async def copy_folder_again_on_drop(self, plan: FolderPlan) -> FolderOutcome:
+        """``copy_folder``, started again on new target connections when the target drops them
+        (a server restart): up to len(TARGET_RECONNECT_DELAYS) times. Starting again is safe:
+        the folder resumes from its checkpoint after learning what the target already holds
+        beyond the last recorded UID, so an APPEND whose reply was lost is not made twice."""
+        delays = iter(TARGET_RECONNECT_DELAYS)
+        self.folder_outcome = None
+        while True:
+            try:
+                if not self.targets:
+                    await self.open_targets(1)
+                return await self.copy_folder(plan, resumed=self.folder_outcome)
+            except TargetUnavailable as exc:
+                delay = next(delays, None)
+                if delay is None:
+                    raise
+                log.warning("%s, %s: %s; new connections in %.0f s", self.job.mailbox, plan.source.display, exc, delay)
+                await self.close_targets()
+                await asyncio.sleep(delay)
 
     async def _copy_batch(
         self,
@@ -442,6 +551,7 @@ async def run_job(
         )
     run = MailboxRun(sessions, job, settings, access, progress)
     folders: list[FolderOutcome] = []
+    current: FolderPlan | None = None
     try:
         plans = await run.open()
         await run.check_quota(plans)
@@ -464,7 +574,9 @@ async def run_job(
             if plan.skip:
                 folders.append(FolderOutcome(plan.source.display, "", skipped=0))
                 continue
-            folders.append(await run.copy_folder(plan))
+            current = plan
+            folders.append(await run.copy_folder_again_on_drop(plan))
+        current = None
         remarks = list(getattr(run.source, "remarks", []))
         if not settings.dry_run:
             total = sum(f.seen for f in folders)
@@ -488,6 +600,12 @@ async def run_job(
     except Exception as exc:  # noqa: BLE001 - one mailbox's failure must not stop the campaign
         if isinstance(exc, BridgeError):
             message, code = str(exc), exc.exit_code
+            if current is not None:  # name the folder; a temporary failure resumes on the next run
+                message = f"{job.mailbox}, dossier {current.source.display}: {message}"
+                if isinstance(exc, TemporaryFailure):
+                    message += " (relancer `balf bascule run`: reprise au point de reprise)"
+                if run.folder_outcome is not None:
+                    folders.append(run.folder_outcome)
         else:  # a bug: keep the traceback in the log, the coordinator gets one line
             log.exception("bascule of %s failed", job.mailbox)
             message, code = f"{job.mailbox}: erreur interne {type(exc).__name__}: {exc}", 1

@@ -85,9 +85,11 @@ class MailboxOptions:
     """Per-mailbox options from the campaign file, validated (see ``campaign.parse_options``)."""
 
     dedup_local_part: bool = False  # Domino rewrites Message-ID domains: compare the local part only
+    domino: bool | None = None  # what the plan says (None: detected from the source, see bridge.domino)
+    dedup_mode: str = "Message-ID entiers"  # the mode in words, and why: for logs and reports
     folder_map: tuple[tuple[str, str], ...] = ()  # source path -> target path ("/"-separated)
     exclude: tuple[str, ...] = ()  # fnmatch patterns on the source path
-    password: str | None = None
+    password: str | None = None  # never from a plan (refused: the plan is stored); programmatic use only
     password_env: str | None = None
     password_file: str | None = None
     tls: str = "none"
@@ -117,18 +119,59 @@ class Quota:
 
 
 @dataclass(frozen=True)
+class Difference:
+    """One difference between the source folders and their target folder, by dedup key.
+
+    ``kind``: ``manquant`` (in the source, not in the target), ``en_plus`` (in the target, not in
+    the source), ``en_double`` (more copies in the target than the source has and than were there
+    before the bascule), ``doublon_source`` (several source messages share a key: copied once).
+    ``explanation`` None: unexplained, the mailbox cannot be vérifiée.
+    """
+
+    kind: str
+    key: str
+    copies: int
+    explanation: str | None = None
+
+
+@dataclass(frozen=True)
 class FolderVerdict:
-    """Verification of one target folder against its source folders."""
+    """Verification of one target folder against its source folders: counts and key multisets
+    compared both ways, every difference listed with its explanation (or none)."""
 
     source_names: tuple[str, ...]
     target: str
     source_count: int
     target_count: int
-    missing: tuple[str, ...]  # keys in the source, not in the target, not explained
-    explained: tuple[tuple[str, str], ...]  # (key, why) in the source, not in the target, with a reason
-    extra: tuple[str, ...]  # keys only in the target (mail that arrived since, or pre-existing)
-    duplicates: int  # source messages sharing a key with another one of the same folder
+    differences: tuple[Difference, ...] = ()
+
+    def _keys(self, kind: str) -> tuple[str, ...]:
+        return tuple(d.key for d in self.differences if d.kind == kind and d.explanation is None)
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """Keys in the source, not in the target, not explained."""
+        return self._keys("manquant")
+
+    @property
+    def extra(self) -> tuple[str, ...]:
+        """Keys in the target only, not explained (not there before the bascule)."""
+        return self._keys("en_plus")
+
+    @property
+    def duplicated(self) -> tuple[str, ...]:
+        """Keys with surplus copies in the target, not explained."""
+        return self._keys("en_double")
+
+    @property
+    def explained(self) -> tuple[Difference, ...]:
+        return tuple(d for d in self.differences if d.explanation is not None)
+
+    @property
+    def unexplained(self) -> tuple[Difference, ...]:
+        return tuple(d for d in self.differences if d.explanation is None)
 
     @property
     def ok(self) -> bool:
-        return not self.missing
+        """Counts and keys match, or every difference is explained."""
+        return not self.unexplained

@@ -224,7 +224,7 @@ def convert_document(
                     notes.append(f"nom Notes sans adresse: {value}")
                 resolved.append(address)
             msg[header] = resolved
-    msg["Subject"] = doc.first("Subject") or ""
+    msg["Subject"] = re.sub(r"\s*[\r\n]+\s*", " ", doc.first("Subject") or "")  # a <break/> in the item
     if posted or internaldate:
         msg["Date"] = email.utils.format_datetime(posted or internaldate)  # type: ignore[arg-type]
     mid = doc.first("$MessageID")

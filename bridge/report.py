@@ -14,6 +14,9 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from balf.bridge.campaign import parse_options
+from balf.bridge.errors import BridgeError
+from balf.bridge.store import PRESENT_BEFORE
 from balf.db.models import BasculeFolder, BasculeIssue, BasculeJob
 
 ISSUE_LABELS = {
@@ -28,10 +31,16 @@ ISSUE_LABELS = {
     "document_non_courriel": "documents Notes qui ne sont pas des courriels",
     "repare": "copié après réparation (date, nom Notes, ligne From_)",
     "manquant_cible": "ÉCART: absent de la cible sans explication",
+    "en_plus_cible": "ÉCART: dans la cible, absent de la source, sans explication",
+    "double_cible": "ÉCART: en double dans la cible",
+    "ecart_explique": "écart expliqué",
     "uidvalidity_cible": "dossier cible recréé",
     "uidvalidity": "dossier source renuméroté",
     "verification": "vérification impossible",
 }
+
+
+UNEXPLAINED = frozenset({"manquant_cible", "en_plus_cible", "double_cible"})
 
 
 @dataclass(frozen=True)
@@ -72,18 +81,29 @@ class JobReport:
     last_error: str | None
     folders: tuple[FolderLine, ...]
     issues: tuple[IssueLine, ...]
+    message_ids: str = ""  # how duplicates were recognised (Domino mode or not, and why)
+    found_in_target: int = 0  # messages already in the target folders before the bascule
 
     @property
     def unexplained(self) -> int:
-        return sum(1 for i in self.issues if i.kind == "manquant_cible")
+        return sum(1 for i in self.issues if i.kind in UNEXPLAINED)
 
 
 def _iso(value: dt.datetime | dt.date | None) -> str | None:
     return value.isoformat() if value else None
 
 
+def message_id_mode(job: BasculeJob) -> str:
+    """The job's Message-ID mode in words; never shows an option's value other than the mode."""
+    try:
+        return parse_options(dict(job.options or {})).dedup_mode
+    except BridgeError as exc:
+        return f"options invalides: {exc}"
+
+
 def snapshot(job: BasculeJob, folders: Sequence[BasculeFolder], issues: Sequence[BasculeIssue]) -> JobReport:
-    """The report's value from database rows (pure)."""
+    """The report's value from database rows (pure). The evidence of messages found in the
+    target before the bascule is counted, not listed: verification lists the differences it explains."""
     return JobReport(
         department=job.department,
         mailbox=job.mailbox,
@@ -111,7 +131,13 @@ def snapshot(job: BasculeJob, folders: Sequence[BasculeFolder], issues: Sequence
             )
             for f in folders
         ),
-        issues=tuple(IssueLine(i.folder, i.item, i.kind, ISSUE_LABELS.get(i.kind, i.kind), i.detail) for i in issues),
+        issues=tuple(
+            IssueLine(i.folder, i.item, i.kind, ISSUE_LABELS.get(i.kind, i.kind), i.detail)
+            for i in issues
+            if i.kind != PRESENT_BEFORE
+        ),
+        message_ids=message_id_mode(job),
+        found_in_target=sum(1 for i in issues if i.kind == PRESENT_BEFORE),
     )
 
 
@@ -129,6 +155,10 @@ def render_text(reports: Sequence[JobReport]) -> str:
     for r in reports:
         out.append(f"Bascule {r.department} / {r.mailbox}: {r.state}")
         out.append(f"  source {r.source} -> compte {r.target_account}")
+        if r.message_ids:
+            out.append(f"  doublons reconnus par: {r.message_ids}")
+        if r.found_in_target:
+            out.append(f"  {r.found_in_target} messages déjà dans la cible avant la bascule")
         out.append(f"  début {r.started_at or '-'}  fin {r.finished_at or '-'}  vérifiée {r.verified_at or '-'}")
         out.append(
             f"  {r.messages_copied} messages copiés ({r.bytes_copied / 1_000_000:.1f} Mo), "

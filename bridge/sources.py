@@ -11,10 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from balf.bridge.dxl import DxlSource, read_membership, read_names
 from balf.bridge.errors import PlanError
-from balf.bridge.files import EmlTreeSource, MaildirSource, MboxSource
-from balf.bridge.imap import ImapSource, Login
 from balf.bridge.model import MailboxOptions, SourceFolder, SourceItem
 
 SCHEMES = ("imap", "imaps", "mbox", "maildir", "eml", "dxl")
@@ -78,8 +75,12 @@ def _path(uri: str) -> Path:
 def open_source(uri: str, options: MailboxOptions, *, timeout: float = 60.0) -> MailSource:
     """The adapter for ``uri`` (``imap://user@host:port``, ``imaps://``, ``mbox:/path``,
     ``maildir:/path``, ``eml:/path``, ``dxl:/path/export.xml``)."""
+    # Adapters are imported on use: a run over IMAP sources need not load the DXL and file readers
+    # (nor a DXL run imapclient), which shortens every short run of the CLI.
     scheme = validate_uri(uri)
     if scheme in ("imap", "imaps"):
+        from balf.bridge.imap import ImapSource, Login
+
         parsed = urllib.parse.urlsplit(uri)
         tls = "ssl" if scheme == "imaps" else options.tls
         login = Login(
@@ -91,6 +92,9 @@ def open_source(uri: str, options: MailboxOptions, *, timeout: float = 60.0) -> 
             timeout=timeout,
         )
         return ImapSource(login)
+    from balf.bridge.dxl import DxlSource, read_membership, read_names
+    from balf.bridge.files import EmlTreeSource, MaildirSource, MboxSource
+
     path = _path(uri)
     if scheme == "mbox":
         return MboxSource(path)

@@ -16,12 +16,14 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from balf.bridge.campaign import INTERNAL_KEYS
 from balf.bridge.errors import PlanError, TemporaryFailure
 from balf.bridge.model import PlannedMailbox
 from balf.db.models import BasculeFolder, BasculeIssue, BasculeItem, BasculeJob, BasculeState
 
 Sessions = async_sessionmaker[Any]
 IN_CHUNK = 500  # bound the size of IN (...) lists
+PRESENT_BEFORE = "present_avant"  # issue kind: evidence that a message was in the target before the bascule
 
 
 def utcnow() -> dt.datetime:
@@ -66,16 +68,28 @@ async def plan_department(
                 )
                 created += 1
             elif job.state in (BasculeState.PLANIFIEE, BasculeState.EN_ERREUR) and job.started_at is None:
+                same_source = job.source == item.source
                 job.source, job.target_account = item.source, item.target_account
-                job.planned_date, job.options = item.planned_date, dict(item.options)
+                job.planned_date = item.planned_date
+                job.options = _with_detection(item.options, job.options if same_source else None)
                 updated += 1
             else:
-                if (job.planned_date, job.options) != (item.planned_date, dict(item.options)):
-                    job.planned_date, job.options = item.planned_date, dict(item.options)
+                if (job.planned_date, _plan_options(job.options)) != (item.planned_date, dict(item.options)):
+                    job.planned_date, job.options = item.planned_date, _with_detection(item.options, job.options)
                     updated += 1
                 if (job.source, job.target_account) != (item.source, item.target_account):
                     kept.append(item.mailbox)
     return created, updated, kept
+
+
+def _plan_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (options or {}).items() if k not in INTERNAL_KEYS}
+
+
+def _with_detection(planned: dict[str, str], stored: dict[str, Any] | None) -> dict[str, Any]:
+    """The plan's options plus what balf detected about the same source (kept across re-plans so
+    a mailbox's Message-ID mode never changes under it)."""
+    return {**planned, **{k: v for k, v in (stored or {}).items() if k in INTERNAL_KEYS}}
 
 
 async def list_jobs(sessions: Sessions, department: str | None = None, mailbox: str | None = None) -> list[BasculeJob]:
@@ -221,16 +235,41 @@ async def set_target_uidvalidity(sessions: Sessions, folder_id: int, uidvalidity
 
 async def record_present(sessions: Sessions, folder_id: int, present: Sequence[tuple[int, str, int]]) -> int:
     """Record keys found in the target folder and not yet known (after a crash between APPEND
-    and commit, or mail already there); returns how many were new."""
+    and commit, or mail already there); returns how many were new.
+
+    On the folder's first look (nothing recorded, no checkpoint: the bascule has not copied into
+    it yet), every message found is also kept as ``PRESENT_BEFORE`` evidence, one record per
+    copy: verification explains by it a target message that the source lacks.
+    """
     known = await known_keys(sessions, folder_id, (k for _u, k, _s in present))
     fresh: dict[str, tuple[int, int]] = {}
     for uid, key, size in present:
         if key not in known and key not in fresh:
             fresh[key] = (uid, size)
-    if fresh:
-        async with sessions() as session, session.begin():
+    async with sessions() as session, session.begin():
+        row = await session.get(BasculeFolder, folder_id)
+        first_look = (
+            row is not None
+            and row.checkpoint is None
+            and not await session.scalar(select(func.count()).where(BasculeItem.folder_id == folder_id))
+        )
+        if fresh:
             session.add_all(
                 BasculeItem(folder_id=folder_id, dedup_key=k, target_uid=u, size=s) for k, (u, s) in fresh.items()
+            )
+        if first_look and row is not None:
+            await session.execute(
+                delete(BasculeIssue).where(
+                    BasculeIssue.job_id == row.job_id,
+                    BasculeIssue.kind == PRESENT_BEFORE,
+                    BasculeIssue.folder == row.target_name,
+                )
+            )
+            session.add_all(
+                BasculeIssue(
+                    job_id=row.job_id, folder=row.target_name, item=k[:1000], kind=PRESENT_BEFORE, detail=f"UID {u}"
+                )
+                for u, k, _s in present
             )
     return len(fresh)
 

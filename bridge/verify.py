@@ -1,15 +1,25 @@
-"""Verification of a migrated mailbox: per-folder counts and key sets, source against target
+"""Verification of a migrated mailbox: per-folder counts and key multisets, source against target
 (I/O: reads the source and the target; the comparison itself is ``compare_folder``, pure).
 
-A difference is *explained* when the report already says why (a message too big, damaged,
-deleted in the source, refused by the target). A mailbox is "vérifiée" only when every source
-message is in the target or explained.
+Every target folder is compared with the source folders copied into it, both ways: messages
+missing from the target, messages only in the target, and surplus copies in the target. A
+difference is *explained* when the bascule's own records say why:
+
+- missing: the report already lists the message (too big, damaged, deleted in the source,
+  refused by the target: ``EXPLAINING_KINDS``);
+- only in the target, or more copies than the source has: the message was already in the target
+  folder when the bascule first looked at it, before copying anything (``store.record_present``
+  keeps that evidence as ``present_avant`` records, one per message found); mail that reaches the
+  target afterwards, or a message put there by hand, is not explained;
+- several source messages with the same Message-ID: copied once, by design.
+
+A mailbox is "vérifiée" only when every difference is explained.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
 from balf.bridge import store
@@ -19,12 +29,14 @@ from balf.bridge.folders import plan_folders
 from balf.bridge.imap import ImapSource, ImapTarget
 from balf.bridge.keys import dedup_key
 from balf.bridge.migrate import TargetAccess
-from balf.bridge.model import FolderPlan, FolderVerdict, SourceDamage
+from balf.bridge.model import Difference, FolderPlan, FolderVerdict, SourceDamage
 from balf.bridge.sources import MailSource, open_source
-from balf.bridge.store import IssueRecord, Sessions
+from balf.bridge.store import PRESENT_BEFORE, IssueRecord, Sessions
 from balf.db.models import BasculeState
 
-VERIFY_KINDS = ("manquant_cible", "verification")
+# What verify writes (and replaces on each verification); the first three block "vérifiée".
+UNEXPLAINED_KINDS = ("manquant_cible", "en_plus_cible", "double_cible")
+VERIFY_KINDS = (*UNEXPLAINED_KINDS, "ecart_explique", "verification")
 EXPLAINING_KINDS = {
     "trop_volumineux",
     "supprime_source",
@@ -35,6 +47,13 @@ EXPLAINING_KINDS = {
     "document_illisible",
     "dxl_tronque",
 }
+WAS_THERE = "déjà dans le dossier cible quand la bascule l'a lu la première fois, avant toute copie"
+DIFFERENCE_LABELS = {
+    "manquant": "absent de la cible",
+    "en_plus": "dans la cible, absent de la source",
+    "en_double": "en double dans la cible",
+    "doublon_source": "en double dans la source",
+}
 
 
 def compare_folder(
@@ -43,30 +62,69 @@ def compare_folder(
     source_keys: Iterable[str],
     target_keys: Iterable[str],
     explanations: Mapping[str, str],
+    found_before: Mapping[str, int] | None = None,
 ) -> FolderVerdict:
-    """Compare one target folder with the source folders copied into it (pure)."""
-    counts = Counter(source_keys)
-    target_list = list(target_keys)
-    target_set = set(target_list)
-    missing, explained = [], []
-    for key in sorted(counts):
-        if key in target_set:
+    """Compare one target folder with the source folders copied into it (pure).
+
+    ``explanations``: key -> why a source message was not copied; ``found_before``: key -> how
+    many copies were in the target folder before the bascule copied anything.
+    """
+    before = found_before or {}
+    source = Counter(source_keys)
+    held = Counter(target_keys)
+    differences: list[Difference] = []
+    for key in sorted(source):
+        wanted, got = source[key], held.get(key, 0)
+        if got == 0:
+            differences.append(Difference("manquant", key, 1, explanations.get(key)))
             continue
-        if key in explanations:
-            explained.append((key, explanations[key]))
+        if got < wanted:
+            differences.append(
+                Difference(
+                    "doublon_source", key, wanted - got, f"{wanted} messages de la source ont cette clé: copié une fois"
+                )
+            )
+        allowed = max(wanted, before.get(key, 0))
+        if got > wanted:
+            explained = min(got, allowed) - wanted
+            if explained:
+                differences.append(
+                    Difference("en_double", key, explained, f"{WAS_THERE} ({before[key]} exemplaire(s))")
+                )
+            if got > allowed:
+                differences.append(Difference("en_double", key, got - allowed, None))
+    for key in sorted(set(held) - set(source)):
+        got, was = held[key], min(held[key], before.get(key, 0))
+        if was:
+            differences.append(Difference("en_plus", key, was, WAS_THERE))
+        if got > was:
+            differences.append(Difference("en_plus", key, got - was, None))
+    return FolderVerdict(tuple(source_names), target, sum(source.values()), sum(held.values()), tuple(differences))
+
+
+def difference_issues(verdict: FolderVerdict, uids: Mapping[str, Sequence[int]]) -> list[IssueRecord]:
+    """The report's lines for a verdict's differences (pure): unexplained ones under their own
+    kind, explained ones as ``ecart_explique`` with the explanation; target UIDs named."""
+    records = []
+    for d in verdict.differences:
+        where = uids.get(d.key, ())
+        at = f" (UID {', '.join(map(str, where[:20]))} dans la cible)" if where and d.kind != "manquant" else ""
+        if d.explanation is not None:
+            detail = f"{DIFFERENCE_LABELS[d.kind]}, {d.copies} message(s){at}: {d.explanation}"
+            records.append(IssueRecord(verdict.target, d.key, "ecart_explique", detail))
+        elif d.kind == "manquant":
+            detail = "présent dans la source, absent de la cible, sans explication"
+            records.append(IssueRecord(verdict.target, d.key, "manquant_cible", detail))
+        elif d.kind == "en_plus":
+            detail = (
+                f"{d.copies} message(s) dans la cible absent(s) de la source{at}, "
+                "pas là avant la bascule: ajouté(s) depuis, à la main ou par une autre copie"
+            )
+            records.append(IssueRecord(verdict.target, d.key, "en_plus_cible", detail))
         else:
-            missing.append(key)
-    extra = sorted(target_set - set(counts))
-    return FolderVerdict(
-        tuple(source_names),
-        target,
-        sum(counts.values()),
-        len(target_list),
-        tuple(missing),
-        tuple(explained),
-        tuple(extra),
-        sum(c - 1 for c in counts.values() if c > 1),
-    )
+            detail = f"{d.copies} exemplaire(s) de trop dans la cible{at}: à supprimer de la cible"
+            records.append(IssueRecord(verdict.target, d.key, "double_cible", detail))
+    return records
 
 
 def _source_keys(source: MailSource, plan: FolderPlan, local: bool) -> tuple[list[str], int]:
@@ -106,12 +164,17 @@ async def verify_job(sessions: Sessions, job_id: int, access: TargetAccess) -> t
         )
         issues = await store.issues_of(sessions, job.id)
         explanations = {i.item: f"{i.kind}: {i.detail}" for i in issues if i.kind in EXPLAINING_KINDS}
+        found_before: dict[str, Counter[str]] = defaultdict(Counter)
+        for i in issues:
+            if i.kind == PRESENT_BEFORE:
+                found_before[i.folder][i.item] += 1
         rows = {r.source_name: r for r in await store.folders_of(sessions, job.id)}
         by_target: dict[str, list[FolderPlan]] = {}
         for plan in plans:
             if not plan.skip:
                 by_target.setdefault(plan.target, []).append(plan)
         verdicts: list[FolderVerdict] = []
+        new_issues: list[IssueRecord] = []
         for name, group in by_target.items():
             source_keys: list[str] = []
             for plan in group:
@@ -121,13 +184,20 @@ async def verify_job(sessions: Sessions, job_id: int, access: TargetAccess) -> t
                 if row is not None:
                     await store.set_folder_source_count(sessions, row.id, len(keys))
             exists = await asyncio.to_thread(connection.exists, name)
-            target_keys = (
-                [k for _u, k, _s in await asyncio.to_thread(connection.keys_after, name, 0, local_part_only=local)]
-                if exists
-                else []
+            listing = await asyncio.to_thread(connection.keys_after, name, 0, local_part_only=local) if exists else []
+            uids: dict[str, list[int]] = defaultdict(list)
+            for uid, key, _size in listing:
+                uids[key].append(uid)
+            verdict = compare_folder(
+                [p.source.display for p in group],
+                name,
+                source_keys,
+                [k for _u, k, _s in listing],
+                explanations,
+                found_before.get(name, {}),
             )
-            verdict = compare_folder([p.source.display for p in group], name, source_keys, target_keys, explanations)
             verdicts.append(verdict)
+            new_issues.extend(difference_issues(verdict, uids))
             if verdict.missing:
                 await store.forget_keys(
                     sessions,
@@ -138,11 +208,6 @@ async def verify_job(sessions: Sessions, job_id: int, access: TargetAccess) -> t
                 row = rows.get(plan.source.display)
                 if row is not None:
                     await store.set_folder_target_count(sessions, row.id, verdict.target_count)
-        new_issues = [
-            IssueRecord(v.target, key, "manquant_cible", "présent dans la source, absent de la cible, sans explication")
-            for v in verdicts
-            for key in v.missing
-        ]
         await store.replace_issues(sessions, job.id, VERIFY_KINDS, new_issues)
         if all(v.ok for v in verdicts) and job.state in (BasculeState.MIGREE, BasculeState.VERIFIEE):
             await store.set_job(sessions, job.id, state=BasculeState.VERIFIEE, verified_at=store.utcnow())

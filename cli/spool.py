@@ -110,11 +110,22 @@ def show_command(ctx: click.Context, spool_id: str, raw: bool) -> None:
 @click.option("--all-dead", is_flag=True, help="Every dead entry.")
 @click.pass_context
 def retry_command(ctx: click.Context, spool_id: str | None, all_dead: bool) -> None:
-    """Make an entry (or every dead entry) due now; the running daemon delivers it."""
+    """Make a dead entry (or every dead one), or a waiting one, due now; the running daemon
+    delivers it. An entry a worker is delivering right now (its claim is live) is left alone."""
     if bool(spool_id) == all_dead:
         fail("name one SPOOL_ID, or use --all-dead", 2)
     config = state(ctx).config()
-    n = run_async(_with_ledger, config, lambda ledger: ledger.retry(spool_id, dt.datetime.now(dt.UTC)))
+
+    async def retry(ledger: SqlLedger) -> tuple[int, tuple[str, dt.datetime] | None]:
+        now = dt.datetime.now(dt.UTC)
+        n = await ledger.retry(spool_id, now)
+        return n, (await ledger.holder(spool_id, now) if spool_id and not n else None)
+
+    n, holder = run_async(_with_ledger, config, retry)
+    if holder is not None:
+        fail(f"{spool_id} is being delivered by {holder[0]} (claimed until "
+             f"{holder[1].isoformat(timespec='seconds')}); not changed. Retry it after that "
+             "if it is still queued.")
     if spool_id and not n:
         fail(f"no queued or dead entry {spool_id} with its bytes in the spool")
     click.echo(f"{n} entr{'y' if n == 1 else 'ies'} due now")

@@ -71,7 +71,11 @@ class GatewayConfig:
     domain: str = key("balf.localhost", "Mail domain of the BALF and thread reply addresses.")
     secret: str = key("", "Key for reply tokens and Message-ID hashes (32+ random bytes; BALF_GATEWAY__SECRET). "
                       "`balf init` generates one.")
-    workers: int = key(4, "Concurrent delivery workers taking messages from the spool.")
+    workers: int = key(4, "Mailboxes one delivery batch appends to at the same time.")
+    batch: int = key(64, "Spool entries claimed and delivered together: one claim, one MULTIAPPEND per mailbox, "
+                     "one record transaction.")
+    delivery_process: bool = key(True, "Index, deliver and notify in a second process, so that accepting and "
+                                 "delivering use two cores (false: all in the listener's process).")
     retry_max_age: float = key(432000.0, "Seconds a message may wait for delivery before it is dead-lettered (5 days, like Postfix).")
     retry_delay: float = key(5.0, "First retry delay in seconds after a temporary failure; doubles per attempt.")
     retry_max_delay: float = key(600.0, "Longest delay between two delivery attempts, in seconds.")
@@ -111,7 +115,8 @@ class BasculeConfig:
     connections_per_mailbox: int = key(4, "IMAP connections per mailbox to the target.")
     max_message_size: int = key(52428800, "Messages larger than this are reported, not copied.")
     batch_messages: int = key(200, "Messages read from the source and appended per batch (and per checkpoint).")
-    batch_bytes: int = key(16777216, "Bytes per batch at most: bounds memory whatever the mailbox size.")
+    batch_bytes: int = key(8388608, "Bytes per batch at most (a bigger message travels alone): with the batch read "
+                           "ahead, bounds memory whatever the mailbox size.")
     lease_seconds: int = key(600, "A worker's hold on a mailbox; after a crash another run may take it over once it expires.")
     report_dir: str = key("", "Where `balf bascule verify` and `report` write their files (empty: <data_dir>/bascule).")
 

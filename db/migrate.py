@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 if TYPE_CHECKING:
@@ -49,3 +52,34 @@ async def current(engine: AsyncEngine) -> tuple[str | None, str]:
     async with engine.connect() as conn:
         rev = await conn.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())
     return rev, head
+
+
+_REVISION = re.compile(r"^(down_revision|revision)\s*(?::[^=]*)?=\s*['\"]?([\w.-]+|None)['\"]?\s*$", re.M)
+
+
+def head_revision() -> str | None:
+    """The head revision id read from the files of ``migrations/versions`` without Alembic (its
+    import and script loading cost most of a short command's time); None when the history is
+    not one plain line (branches, merges, several heads): callers then ask Alembic."""
+    revisions: dict[str, str | None] = {}
+    for path in (MIGRATIONS / "versions").glob("*.py"):
+        found = dict(_REVISION.findall(path.read_text(encoding="utf-8")))
+        if "revision" in found:
+            down = found.get("down_revision")
+            revisions[found["revision"]] = None if down in (None, "None") else down
+    heads = set(revisions) - {d for d in revisions.values() if d}
+    return heads.pop() if len(heads) == 1 else None
+
+
+async def at_head(engine: AsyncEngine) -> bool:
+    """True when the database's ``alembic_version`` is the head revision (a cheap check that lets
+    commands skip ``upgrade``); False when it is behind, empty, missing or cannot be told."""
+    head = head_revision()
+    if head is None:
+        return False
+    try:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()
+    except SQLAlchemyError:
+        return False
+    return list(rows) == [head]

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from balf.config.schema import Config
+from balf.gateway.delivery import DeliveryProcess, forward_wakes, refresh_directory, run_workers
 from balf.gateway.errors import DatabaseUnavailable
 from balf.gateway.ledger import SqlLedger
-from balf.gateway.notify import RelaySettings, notify_loop
-from balf.gateway.services import ServiceTable
 from balf.gateway.smtp import (
     Directory,
     GatewayHandler,
@@ -31,7 +30,7 @@ from balf.gateway.smtp import (
 )
 from balf.gateway.spool import FileSpool
 from balf.gateway.store import ImapStore, MailStore
-from balf.gateway.worker import Breaker, Context, WorkerSettings, deliver_loop, index_loop
+from balf.gateway.worker import Breaker, Context, WorkerSettings, index_loop
 
 log = logging.getLogger("balf.gateway.daemon")
 
@@ -55,7 +54,7 @@ def secret_of(config: Config) -> bytes:
 def worker_settings(config: Config) -> WorkerSettings:
     g = config.gateway
     return WorkerSettings(
-        secret=secret_of(config), domain=g.domain, workers=g.workers, lease=g.claim_lease,
+        secret=secret_of(config), domain=g.domain, workers=g.workers, batch=max(1, g.batch), lease=g.claim_lease,
         retry_delay=g.retry_delay, retry_max_delay=g.retry_max_delay, retry_max_age=g.retry_max_age,
         acknowledge=g.acknowledge, acknowledgements_per_day=g.acknowledgements_per_day,
         portal_url=g.portal_url)
@@ -73,40 +72,30 @@ def make_ledger(config: Config, engine: AsyncEngine) -> SqlLedger:
                      instance=instance_name(config))
 
 
+def make_context(config: Config, ledger: SqlLedger, store: MailStore | None,
+                 directory: Directory) -> Context:
+    return Context(worker_settings(config), ledger, store or make_store(config), lambda: directory.table,
+                   breaker=Breaker(min(config.gateway.retry_delay, 1.0), cap=30.0))
+
+
 @dataclass
 class Gateway:
     """Handles the running parts expose (tests read counters and ports from it)."""
 
     spool: FileSpool
     directory: Directory
-    context: Context
+    context: Context | None  # None when delivery runs in its own process
     smtp_server: asyncio.Server | None = None
     lmtp_server: asyncio.Server | None = None
-
-
-async def refresh_directory(ledger: SqlLedger, directory: Directory, stop: asyncio.Event,
-                            every: float) -> None:
-    breaker = Breaker(0.5, cap=every)
-    while not stop.is_set():
-        try:
-            directory.table = await ledger.load_services()
-            breaker.reset()
-            wait = every
-        except DatabaseUnavailable as exc:
-            # Keep the last table: RCPT checks go on while the database is down.
-            wait = breaker.trip(asyncio.get_running_loop().time())
-            log.warning("event=directory.reload_failed error=%r kept=%d", exc.detail,
-                        len(directory.table or ServiceTable()))
-        try:
-            await asyncio.wait_for(stop.wait(), wait)
-        except TimeoutError:
-            pass
+    delivery: DeliveryProcess | None = None
 
 
 async def run_gateway(config: Config, engine: AsyncEngine, stop: asyncio.Event, *,
                       store: MailStore | None = None, started: asyncio.Future[Gateway] | None = None) -> None:
     """Run listeners, indexer, delivery workers and notifier until ``stop`` is set.
 
+    With ``gateway.delivery_process`` (and no ``store`` given) the indexer, workers and notifier
+    run in a process of their own (see delivery.py); if that process dies, this part fails.
     Shutdown order: stop accepting (421 to new sessions), let sessions finish for
     ``smtp.shutdown_grace`` seconds, then stop the workers (in-flight deliveries finish or are
     left claimed; their lease expires and they are run again, idempotently). Files spooled but not
@@ -124,52 +113,71 @@ async def run_gateway(config: Config, engine: AsyncEngine, stop: asyncio.Event, 
             log.info("event=worker.released_claims count=%d instance=%s", released, ledger.instance)
     except DatabaseUnavailable as exc:
         log.warning("event=gateway.database_down_at_start error=%r", exc.detail)
-    own_store = store is None
-    store = store or make_store(config)
-    ctx = Context(worker_settings(config), ledger, store, lambda: directory.table,
-                  breaker=Breaker(min(config.gateway.retry_delay, 1.0), cap=30.0))
+    separate = config.gateway.delivery_process and store is None
+    ctx = None if separate else make_context(config, ledger, store, directory)
     gateway = Gateway(spool, directory, ctx)
     s = config.smtp
     hostname = s.hostname or socket.getfqdn()
     tls = tls_context(s.tls_cert, s.tls_key)
     listeners: list[tuple[asyncio.Server, SessionLimits]] = []
-    for enabled, lmtp, host, port in ((s.enabled, False, s.host, s.port),
-                                      (s.lmtp_enabled, True, s.lmtp_host, s.lmtp_port)):
-        if not enabled:
-            continue
-        limits = SessionLimits(s.max_connections, s.data_timeout)
-        handler = GatewayHandler(directory=directory, spool=spool, secret=secret_of(config),
-                                 hostname=hostname, max_recipients=s.max_recipients, lmtp=lmtp)
-        server = await start_listener(handler, host=host, port=port, limits=limits, lmtp=lmtp,
-                                      hostname=hostname, data_size_limit=s.max_message_size,
-                                      command_timeout=s.command_timeout, tls=tls)
-        listeners.append((server, limits))
-        if lmtp:
-            gateway.lmtp_server = server
-        else:
-            gateway.smtp_server = server
-    if started is not None and not started.done():
-        started.set_result(gateway)
     workers_stop = asyncio.Event()
-    indexed = asyncio.Event()
-    relay = RelaySettings(config.relay.host, config.relay.port, config.relay.tls,
-                          config.relay.username, config.relay.password)
     try:
+        if separate:
+            gateway.delivery = DeliveryProcess(config)
+            gateway.delivery.start()
+        for enabled, lmtp, host, port in ((s.enabled, False, s.host, s.port),
+                                          (s.lmtp_enabled, True, s.lmtp_host, s.lmtp_port)):
+            if not enabled:
+                continue
+            limits = SessionLimits(s.max_connections, s.data_timeout)
+            handler = GatewayHandler(directory=directory, spool=spool, secret=secret_of(config),
+                                     hostname=hostname, max_recipients=s.max_recipients, lmtp=lmtp)
+            server = await start_listener(handler, host=host, port=port, limits=limits, lmtp=lmtp,
+                                          hostname=hostname, data_size_limit=s.max_message_size,
+                                          command_timeout=s.command_timeout, tls=tls)
+            listeners.append((server, limits))
+            if lmtp:
+                gateway.lmtp_server = server
+            else:
+                gateway.smtp_server = server
+        if started is not None and not started.done():
+            started.set_result(gateway)
+        indexed = asyncio.Event()
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(refresh_directory(ledger, directory, workers_stop,
-                                             config.gateway.directory_refresh))
-            tg.create_task(index_loop(spool, ledger, workers_stop, indexed))
-            tg.create_task(deliver_loop(ctx, workers_stop, indexed))
-            tg.create_task(notify_loop(ledger, relay, workers_stop))
+            if gateway.delivery is not None:
+                tg.create_task(refresh_directory(ledger, directory, workers_stop,
+                                                 config.gateway.directory_refresh))
+                tg.create_task(index_loop(spool, ledger, workers_stop, indexed))
+                tg.create_task(forward_wakes(indexed, gateway.delivery, workers_stop))
+                tg.create_task(_watch_delivery(gateway.delivery, workers_stop))
+            else:
+                assert ctx is not None
+                tg.create_task(run_workers(config, ctx, workers_stop, indexed, spool=spool,
+                                           directory=directory))
             await stop.wait()
             log.info("event=gateway.stopping")
             for server, limits in listeners:
                 await stop_listener(server, limits, s.shutdown_grace)
             workers_stop.set()
+            if gateway.delivery is not None:
+                await gateway.delivery.stop(timeout=30)
     finally:
-        if own_store:
-            await store.close()
-        log.info("event=gateway.stopped delivered=%d dead=%d", ctx.delivered, ctx.dead)
+        workers_stop.set()
+        for server, _ in listeners:
+            if server.is_serving():
+                server.close()
+        if gateway.delivery is not None:
+            await gateway.delivery.stop(timeout=30)
+        elif ctx is not None and store is None:
+            await ctx.store.close()
+        log.info("event=gateway.stopped delivered=%s dead=%s", ctx.delivered if ctx else "-",
+                 ctx.dead if ctx else "-")
+
+
+async def _watch_delivery(child: DeliveryProcess, stopping: asyncio.Event) -> None:
+    await child.watch()
+    if not stopping.is_set():
+        raise RuntimeError(f"the delivery process ended on its own (exit code {child.process.exitcode})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,11 +24,18 @@ from balf.gateway.replies import replies
 # without LF inside DATA is how "SMTP smuggling" hides a second message; we refuse the message.
 _BARE_NEWLINE = re.compile(rb"(?<!\r)\n|\r(?!\n)")
 _MSGID = re.compile(r"<[^<>\s]+>")
+# C0 and C1 controls (CR, LF, TAB, NUL, ESC, NEL...), DEL and the Unicode line/paragraph
+# separators: what a decoded RFC 2047 word may smuggle into text meant for one header line.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 
 
 def check_data(raw: bytes) -> None:
     """Refuse what must never be stored: bare CR/LF (smuggling), NUL, no header section."""
-    if _BARE_NEWLINE.search(raw):
+    # Same test as _BARE_NEWLINE, with counts done in C (the regex walked every byte in Python's
+    # regex engine: 7 % of the listener's CPU at 400 msg/s): no bare LF and no bare CR exactly
+    # when every LF and every CR belongs to a CRLF.
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\n") != crlf or raw.count(b"\r") != crlf:
         raise RejectedContent("bare CR or LF in DATA", replies.BARE_NEWLINE)
     if b"\0" in raw:
         raise RejectedContent("NUL byte in DATA", replies.NUL_BYTES)
@@ -83,10 +90,20 @@ def _text(headers: Message, name: str) -> str | None:
     return re.sub(r"\r?\n[ \t]", " ", text).strip()
 
 
+def one_line(text: str) -> str:
+    """``text`` fit for a single header line or a template: every run of control characters
+    (CR and LF included) becomes one space. An encoded word (RFC 2047) can carry
+    ``=0D=0A``; decoded and put back into a header, it would start a new header."""
+    return _CONTROLS.sub(" ", text).strip()
+
+
 def _decoded(value: str | None) -> str:
-    """RFC 2047 encoded words decoded; anything undecodable left as written."""
-    if not value:
-        return ""
+    """RFC 2047 encoded words decoded, on one line (:func:`one_line`); anything undecodable
+    left as written."""
+    return one_line(_decode_words(value)) if value else ""
+
+
+def _decode_words(value: str) -> str:
     try:
         parts = email.header.decode_header(value)
         out = []
@@ -122,7 +139,7 @@ def _ids(value: str | None) -> list[str]:
 
 def _first_id(value: str | None) -> str | None:
     ids = _ids(value)
-    return ids[0] if ids else (value.strip() or None if value else None)
+    return ids[0] if ids else (one_line(value) or None if value else None)
 
 
 def _date(value: str | None) -> dt.datetime | None:

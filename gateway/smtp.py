@@ -5,6 +5,10 @@ spool, and maps our exceptions to the named replies of :mod:`balf.gateway.replie
 ``GatewaySMTP``/``GatewayLMTP`` subclasses add what aiosmtpd does not do: enhanced status codes
 on its own replies (RFC 2034), a cap on concurrent sessions (421), a DATA time limit, and a
 graceful shutdown.
+
+The DATA time limit applies to receiving the data only; storing it is never cut short
+(:meth:`FileSpool.store` is shielded and withdraws a message whose session was cancelled), so
+a 250 or a 451 is only ever sent for a known outcome.
 """
 
 from __future__ import annotations
@@ -113,7 +117,9 @@ class GatewayHandler:
             check_data(raw)
             env = Envelope(
                 spool_id=spool_id,
-                mail_from=envelope.mail_from or "",
+                # aiosmtpd keeps the null reverse-path as "<>" (it needs a true value there);
+                # ours is "", so bounces are known as such and never acknowledged (RFC 3834 3.1.5).
+                mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
                 recipients=tuple(envelope.rcpt_tos),
                 arrived_at=self.clock(),
                 peer=_peer(session),
@@ -161,6 +167,7 @@ class GatewaySMTP(SMTP):
         self._limits = limits
         self._refuse: Reply | None = None
         self._bare_replies = False
+        self._data_deadline: asyncio.Timeout | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
@@ -211,12 +218,25 @@ class GatewaySMTP(SMTP):
             self._bare_replies = False
 
     async def smtp_DATA(self, arg: str) -> None:
+        # The deadline covers reading the data only. Once the final dot is in, the handler
+        # stores the message to a known outcome and the client hears it (250 or 451): a
+        # deadline that fired during the spool write would hang up on a message that is then
+        # delivered anyway, and the client's retry would deliver it twice.
         try:
-            await asyncio.wait_for(super().smtp_DATA(arg), self._limits.data_timeout)
+            async with asyncio.timeout(self._limits.data_timeout) as deadline:
+                self._data_deadline = deadline
+                await super().smtp_DATA(arg)
         except TimeoutError:
             log.warning("event=smtp.data_timeout peer=%r", self.session.peer if self.session else None)
             if self.transport is not None:
                 self.transport.close()
+        finally:
+            self._data_deadline = None
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        if command == "DATA" and self._data_deadline is not None:
+            self._data_deadline.reschedule(None)  # all data read: the deadline is over
+        return await super()._call_handler_hook(command, *args)
 
     def close_now(self) -> None:
         if self.transport is not None:

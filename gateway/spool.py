@@ -10,6 +10,12 @@ fsyncs the file in a thread, renames it into ``queue/`` and then waits for a dir
 that concurrent sessions share (group commit): a burst of N sessions costs N file fsyncs but
 one directory fsync per ``group_commit_ms`` window. Only then does the SMTP layer answer 250.
 
+Until ``store`` has returned, a file in ``queue/`` is *unconfirmed*: the indexer does not see
+it (``pending`` skips it), and if anything fails after the rename (the directory fsync, or the
+caller being cancelled: DATA deadline, client gone, shutdown) the file is taken back out of
+``queue/`` before the failure is reported. So a 451 (or no reply at all) never leaves a copy
+that would be delivered next to the client's retry.
+
 The database index (``spool_entries``) then takes over: once a row holding the bytes is
 committed the file is removed (see worker.index_spool). While the database is down files
 simply accumulate here and are indexed when it returns.
@@ -18,13 +24,14 @@ simply accumulate here and are indexed when it returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import errno
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from balf.gateway.errors import PermanentFailure, SpoolUnavailable
@@ -63,12 +70,15 @@ class FileSpool:
     """The spool directory; one instance per daemon."""
 
     def __init__(self, directory: str | os.PathLike[str], *, group_commit_ms: float = 2.0,
-                 min_free_bytes: int = 0) -> None:
+                 min_free_bytes: int = 0,
+                 fsync_dir: Callable[[Path], None] | None = None) -> None:
         self.root = Path(directory)
         self.tmp = self.root / "tmp"
         self.queue = self.root / "queue"
         self.group_commit = group_commit_ms / 1000
         self.min_free_bytes = min_free_bytes
+        self.fsync_dir = fsync_dir or _fsync_dir  # a seam: tests make the directory fsync fail
+        self._unconfirmed: set[str] = set()  # in queue/ but not yet acknowledged: not indexed
         self._waiters: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
         self.flushes = 0  # directory fsyncs done (group commit efficiency = stored / flushes)
@@ -84,17 +94,61 @@ class FileSpool:
             leftover.unlink(missing_ok=True)
 
     async def store(self, envelope: Envelope, raw: bytes) -> SpooledMessage:
-        """Durably store one message; return only once it survives a crash or power cut."""
+        """Durably store one message; return only once it survives a crash or power cut.
+
+        Raises :class:`SpoolUnavailable` (nothing left in ``queue/``) when it cannot. If the
+        caller is cancelled meanwhile, the store still runs to its end in the background (a
+        thread cannot be interrupted) and the file is then taken back out of ``queue/``: the
+        caller never answered 250, so the message must not be delivered.
+        """
+        spool_id = envelope.spool_id
+        self._unconfirmed.add(spool_id)
+        work = asyncio.ensure_future(self._store(envelope, raw))
+        try:
+            message = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            def withdraw(done: asyncio.Future[SpooledMessage]) -> None:
+                if not done.cancelled():
+                    done.exception()  # retrieved: its outcome no longer matters
+                self._withdraw(spool_id, "cancelled before the reply")
+            work.add_done_callback(withdraw)
+            raise
+        except BaseException:
+            self._unconfirmed.discard(spool_id)
+            raise
+        self._unconfirmed.discard(spool_id)
+        self.stored += 1
+        self.new_entries.set()
+        return message
+
+    async def _store(self, envelope: Envelope, raw: bytes) -> SpooledMessage:
         sha256 = sha256_of(raw)
         data = encode_entry(envelope, raw, sha256)
         try:
             await asyncio.to_thread(self._write, envelope.spool_id, data)
         except OSError as exc:
             raise SpoolUnavailable(f"spool write failed: {exc.strerror or exc}") from None
-        await self._flush_directory()
-        self.stored += 1
-        self.new_entries.set()
+        try:
+            await self._flush_directory()
+        except BaseException as exc:
+            # Renamed into queue/ but not known to be durable: the client will hear 451 and
+            # send again, so this copy must not be delivered as well.
+            self._withdraw(envelope.spool_id, repr(exc))
+            raise
         return SpooledMessage(envelope, raw, sha256)
+
+    def _withdraw(self, spool_id: str, reason: str) -> None:
+        """Take an unacknowledged file back out of ``queue/`` (best effort: if even the unlink
+        fails the file stays, and is delivered; the log says so)."""
+        try:
+            (self.queue / spool_id).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.fsync_dir(self.queue)
+            log.warning("event=spool.withdrawn spool_id=%s reason=%r", spool_id, reason)
+        except OSError as exc:
+            log.error("event=spool.withdraw_failed spool_id=%s reason=%r error=%r", spool_id, reason, exc)
+        finally:
+            self._unconfirmed.discard(spool_id)
 
     def _write(self, spool_id: str, data: bytes) -> None:
         st = os.statvfs(self.root)
@@ -112,7 +166,11 @@ class FileSpool:
             tmp.unlink(missing_ok=True)
             raise
         os.close(fd)
-        os.rename(tmp, self.queue / spool_id)
+        try:
+            os.rename(tmp, self.queue / spool_id)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     async def _flush_directory(self) -> None:
         loop = asyncio.get_running_loop()
@@ -128,7 +186,7 @@ class FileSpool:
                 await asyncio.sleep(self.group_commit)
             batch, self._waiters = self._waiters, []
             try:
-                await asyncio.to_thread(_fsync_dir, self.queue)
+                await asyncio.to_thread(self.fsync_dir, self.queue)
                 self.flushes += 1
             except OSError as exc:
                 err = SpoolUnavailable(f"spool directory fsync failed: {exc.strerror or exc}")
@@ -143,12 +201,14 @@ class FileSpool:
     # --- reading back (indexer, recovery, `balf spool`) -----------------------------------
 
     def pending(self) -> Iterator[Path]:
-        """Acknowledged files not yet indexed, oldest first (ids sort by time)."""
+        """Acknowledged files not yet indexed, oldest first (ids sort by time); files whose
+        store has not finished (no 250 yet, may still be withdrawn) are left out."""
         try:
             names = sorted(p.name for p in self.queue.iterdir())
         except FileNotFoundError:
             return iter(())
-        return (self.queue / n for n in names)
+        unconfirmed = set(self._unconfirmed)
+        return (self.queue / n for n in names if n not in unconfirmed)
 
     def read(self, path: Path) -> SpooledMessage:
         return decode_entry(path.read_bytes())
@@ -157,7 +217,7 @@ class FileSpool:
         for spool_id in spool_ids:
             (self.queue / spool_id).unlink(missing_ok=True)
         if spool_ids:
-            _fsync_dir(self.queue)
+            self.fsync_dir(self.queue)
 
     def quarantine(self, path: Path, reason: str) -> None:
         """Move an unreadable file aside (never deleted: an administrator looks at it)."""

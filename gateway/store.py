@@ -6,6 +6,13 @@ APPENDUID. Before a re-APPEND (the spool entry was claimed before, so a crash ma
 after the APPEND and before it was recorded) it searches the mailbox for the spool id that our
 Received header carries and returns the copy already there instead of adding a second one.
 aioimaplib errors never leave this module: they become StoreUnavailable / StoreRejected.
+
+``deliver_many`` files a worker batch's copies for one mailbox on one connection, in the order
+given (= arrival order): those never tried before go in one MULTIAPPEND (RFC 3502) when the
+server has MULTIAPPEND and LITERAL+ (Dovecot has both), which is one transaction and one round
+trip for the batch; the APPENDUID response (RFC 4315) gives one UID per message, in order.
+MULTIAPPEND is atomic: if the server refuses, nothing was added and each message is then
+APPENDed alone so that only the offending one fails.
 """
 
 from __future__ import annotations
@@ -14,24 +21,37 @@ import asyncio
 import datetime as dt
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
 import aioimaplib
 
-from balf.gateway.errors import StoreDown, StoreRejected, StoreUnavailable
+from balf.gateway.errors import GatewayError, StoreDown, StoreRejected, StoreUnavailable
 from balf.gateway.model import Delivered
 
 log = logging.getLogger("balf.gateway.store")
 
-_APPENDUID = re.compile(r"\[APPENDUID (\d+) (\d+)\]", re.IGNORECASE)
+_APPENDUID = re.compile(r"\[APPENDUID (\d+) ([\d:,]+)\]", re.IGNORECASE)
 _UIDVALIDITY = re.compile(r"\[UIDVALIDITY (\d+)\]", re.IGNORECASE)
 _SEARCH = re.compile(r"^\*?\s*SEARCH\b(.*)$", re.IGNORECASE)
 # NO responses worth retrying (RFC 5530 response codes); any other NO/BAD is permanent.
 _TEMPORARY_CODES = ("OVERQUOTA", "UNAVAILABLE", "INUSE", "SERVERBUG", "AUTHENTICATIONFAILED",
                     "LIMIT", "EXPUNGEISSUED", "CONTACTADMIN")
 INBOX = "INBOX"
+# One MULTIAPPEND carries at most this many bytes of messages; a larger batch is split.
+MULTIAPPEND_MAX_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One message to file in a mailbox (``check_existing``: an earlier attempt may have)."""
+
+    raw: bytes
+    internaldate: dt.datetime
+    spool_id: str
+    check_existing: bool = False
 
 
 class MailStore(Protocol):
@@ -40,16 +60,64 @@ class MailStore(Protocol):
     async def deliver(self, account: str, raw: bytes, *, internaldate: dt.datetime,
                       spool_id: str, check_existing: bool) -> Delivered: ...
 
+    async def deliver_many(self, account: str,
+                           copies: Sequence[Copy]) -> list[Delivered | GatewayError]: ...
+
     async def close(self) -> None: ...
 
 
 def parse_appenduid(lines: list[bytes | str]) -> tuple[int | None, int | None]:
+    uidvalidity, uids = parse_appenduid_set(lines)
+    return uidvalidity, (uids[-1] if uids else None)
+
+
+def parse_appenduid_set(lines: list[bytes | str]) -> tuple[int | None, list[int]]:
+    """UIDVALIDITY and the UIDs of an APPENDUID response code (RFC 4315 3: a uid-set, in
+    the order the messages were given, for MULTIAPPEND)."""
     for line in lines:
         text = line.decode("ascii", "replace") if isinstance(line, bytes) else line
         m = _APPENDUID.search(text)
         if m:
-            return int(m.group(1)), int(m.group(2))
-    return None, None
+            return int(m.group(1)), _uid_set(m.group(2))
+    return None, []
+
+
+def _uid_set(text: str) -> list[int]:
+    uids: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.partition(":")
+        if high:
+            a, b = int(low), int(high)
+            uids.extend(range(a, b + 1) if a <= b else range(a, b - 1, -1))
+        elif low:
+            uids.append(int(low))
+    return uids
+
+
+def multiappend_payload(copies: Sequence[Copy]) -> tuple[str, bytes]:
+    """The first message's arguments (synchronising literal, sent by aioimaplib) and the bytes
+    sent after the server's continuation: the first message, then each further one as
+    `` "date" {n+}CRLF<bytes>`` (LITERAL+, RFC 7888), so one round trip files them all."""
+    first = copies[0]
+    head = f"{INBOX} {aioimaplib.time2internaldate(first.internaldate)} {{{len(first.raw)}}}"
+    parts = [first.raw]
+    for c in copies[1:]:
+        parts.append(f" {aioimaplib.time2internaldate(c.internaldate)} {{{len(c.raw)}+}}\r\n"
+                     .encode("ascii"))
+        parts.append(c.raw)
+    return head, b"".join(parts)
+
+
+def _chunks(copies: Sequence[Copy]) -> list[list[Copy]]:
+    out: list[list[Copy]] = []
+    size = 0
+    for c in copies:
+        if not out or size + len(c.raw) > MULTIAPPEND_MAX_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(c)
+        size += len(c.raw)
+    return out
 
 
 def parse_search(lines: list[bytes | str]) -> list[int]:
@@ -76,6 +144,8 @@ class _Connection:
         self.client = client
         self.selected = False
         self.uidvalidity: int | None = None
+        caps = {c.upper() for c in getattr(client.protocol, "capabilities", ())}
+        self.multiappend = "MULTIAPPEND" in caps and "LITERAL+" in caps
 
 
 class ImapStore:
@@ -105,6 +175,70 @@ class ImapStore:
                 raise _classify(f"APPEND to {account}", resp.lines)
             uidvalidity, uid = parse_appenduid(resp.lines)
             return Delivered(INBOX, uidvalidity, uid)
+
+    async def deliver_many(self, account: str,
+                           copies: Sequence[Copy]) -> list[Delivered | GatewayError]:
+        """File ``copies`` in order on one connection; one result per copy. A connection
+        failure fails the copies not yet filed (StoreDown): they are retried, and as their
+        entries were claimed, the retry checks for each copy before APPENDing it again."""
+        results: list[Delivered | GatewayError | None] = [None] * len(copies)
+        try:
+            async with self._connection(account) as conn:
+                fresh: list[int] = []
+                for i, c in enumerate(copies):
+                    if c.check_existing:
+                        found = await self._find(conn, c.spool_id)
+                        if found is not None:
+                            log.info("event=store.already_there spool_id=%s account=%s uid=%s",
+                                     c.spool_id, account, found)
+                            results[i] = Delivered(INBOX, conn.uidvalidity, found, already_there=True)
+                            continue
+                    fresh.append(i)
+                multi = conn.multiappend and len(fresh) > 1
+                for chunk in (_chunks([copies[i] for i in fresh]) if multi else []):
+                    done = await self._multiappend(conn, account, chunk)
+                    for c, d in zip(chunk, done, strict=True):
+                        results[copies.index(c)] = d
+                for i in fresh:
+                    if results[i] is None:
+                        try:
+                            results[i] = await self._append(conn, account, copies[i])
+                        except (StoreRejected, StoreUnavailable) as exc:
+                            results[i] = exc
+        except StoreDown as exc:
+            return [r if r is not None else exc for r in results]
+        return [r if r is not None else StoreDown("not filed") for r in results]
+
+    async def _append(self, conn: _Connection, account: str, copy: Copy) -> Delivered:
+        resp = await self._call(conn.client.append(copy.raw, mailbox=INBOX, date=copy.internaldate),
+                                f"APPEND to {account}")
+        if resp.result != "OK":
+            raise _classify(f"APPEND to {account}", resp.lines)
+        uidvalidity, uid = parse_appenduid(resp.lines)
+        return Delivered(INBOX, uidvalidity, uid)
+
+    async def _multiappend(self, conn: _Connection, account: str,
+                           chunk: list[Copy]) -> list[Delivered | None]:
+        """One MULTIAPPEND; ``None`` for each copy when the server refused it (then nothing
+        was added, RFC 3502 6.3.11, and the caller APPENDs them one by one)."""
+        if len(chunk) == 1:
+            return [None]
+        head, payload = multiappend_payload(chunk)
+        protocol = conn.client.protocol
+        # aioimaplib has no MULTIAPPEND: its APPEND machinery sends our command line, waits
+        # for the continuation of the first (synchronising) literal and then writes
+        # ``literal_data``, which carries every further message as a LITERAL+ literal.
+        command = aioimaplib.Command("APPEND", protocol.new_tag(), head, loop=protocol.loop)
+        protocol.literal_data = payload
+        resp = await self._call(protocol.execute(command), f"MULTIAPPEND to {account}")
+        if resp.result != "OK":
+            log.warning("event=store.multiappend_refused account=%s count=%d response=%r",
+                        account, len(chunk), str(resp.lines)[:300])
+            return [None] * len(chunk)
+        uidvalidity, uids = parse_appenduid_set(resp.lines)
+        if len(uids) != len(chunk):
+            uids = []  # no UIDPLUS: the copies are there, their UIDs unknown
+        return [Delivered(INBOX, uidvalidity, uids[i] if uids else None) for i in range(len(chunk))]
 
     async def _find(self, conn: _Connection, spool_id: str) -> int | None:
         if not conn.selected:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import imaplib
 import io
 import json
 
@@ -10,12 +11,12 @@ import pytest
 
 from balf.bridge.campaign import check_department, parse_campaign, parse_options
 from balf.bridge.dxl import DxlSource, parse_document, read_membership, read_names
-from balf.bridge.errors import PlanError, QuotaExceeded
+from balf.bridge.errors import PlanError, QuotaExceeded, SourceRefused, SourceUnavailable
 from balf.bridge.files import from_line_date, maildir_flags, mbox_flags, mbox_message, split_mbox
 from balf.bridge.folders import parents, plan_folders, target_name
-from balf.bridge.imap import appended_uids, parse_uid_set
+from balf.bridge.imap import ImapSource, Login, appended_uids, parse_uid_set
 from balf.bridge.keys import date_header, dedup_key, message_id, to_crlf
-from balf.bridge.migrate import holder_is_dead, next_batch, split_evenly, storable_flags
+from balf.bridge.migrate import BatchReader, holder_is_dead, split_evenly, storable_flags
 from balf.bridge.model import Role, SourceDamage, SourceFolder, SourceMessage
 from balf.bridge.notes import NotesDocument, canonical_name, convert_document, notes_address, parse_dxl_datetime
 from balf.bridge.progress import rate_line
@@ -170,6 +171,59 @@ def test_dxl_native_mime_document() -> None:
     assert convert_document(doc, names={}).raw == b"Subject: x\r\nMessage-ID: <m@x>\r\n\r\nbody\r\n"
 
 
+def test_dxl_cases_from_the_dtd() -> None:
+    """tests/data/bridge/domino-dtd-cases.dxl, written by hand from domino_9_0_1.dtd (see its comment)."""
+    import email
+    import email.policy
+
+    source = DxlSource(DATA / "domino-dtd-cases.dxl")
+    folders = source.folders()
+    messages = {}
+    for folder in folders:
+        for item in source.messages(folder):
+            assert isinstance(item, SourceMessage), item
+            messages[message_id(item.raw)] = item
+    assert len(messages) == 3
+
+    # A native MIME note: <mime> is the document's own child; its stream passes unchanged (CRLF).
+    native = messages["native-mime-1@example.org"]
+    assert native.raw.startswith(b"MIME-Version: 1.0\r\nFrom: =?utf-8?q?C=C3=A9line_Usager?= <celine")
+    assert b"\r\n--b1\r\nContent-Type: application/pdf;" in native.raw and native.raw.endswith(b"--b1--\r\n")
+    assert b"\n" not in native.raw.replace(b"\r\n", b"")
+    # dst='true' is informational: the offset written (-04 in July, US Eastern) is already in effect.
+    assert native.internaldate == dt.datetime(2026, 7, 20, 16, 2, 5, 500000, tzinfo=dt.UTC)
+
+    # A response document: its parent attribute stands for $Ref; <break/> in a text item; +0530.
+    reply_item = messages["B0000000000000000000000000000002@dxl.invalid"]  # no $MessageID: from the UNID
+    reply = email.message_from_bytes(reply_item.raw, policy=email.policy.default)
+    assert reply["In-Reply-To"] == "<native-mime-1@example.org>"
+    assert reply["Subject"] == "Réponse : votre déclaration"
+    assert reply["Date"] == "Tue, 21 Jul 2026 09:30:00 +0530"
+    assert reply_item.internaldate == dt.datetime(2026, 7, 21, 4, 0, tzinfo=dt.UTC)
+    names = [part.get_filename() for part in reply.iter_attachments()]
+    assert names == ["formulaire.txt"]  # the huffman-compressed one is reported, not attached as garbage
+    assert next(reply.iter_attachments()).get_payload(decode=True) == b"Formulaire 1\n"
+    assert "Le formulaire est joint." in reply.get_body(("plain",)).get_content()
+    assert any("ancien.doc" in n and "compress" in n for n in reply_item.notes)
+
+    # A Body the exporter could not render (rawitemdata): copied without body, and reported.
+    raw_body = next(m for m in messages.values() if b"Corps illisible" in m.raw)
+    assert any("rawitemdata" in n for n in raw_body.notes)
+
+
+def test_dxl_native_mime_at_document_level() -> None:
+    from xml.etree.ElementTree import fromstring
+
+    element = fromstring(
+        "<document xmlns='http://www.lotus.com/dxl' form='Memo'><noteinfo unid='ab'/>"
+        "<mime>\nSubject: x\nMessage-ID: &lt;m@x&gt;\n\nbody\n</mime>"
+        "<item name='PostedDate'><datetime>20151203T101500,00+01</datetime></item></document>"
+    )
+    doc = parse_document(element)
+    assert convert_document(doc, names={}).raw == b"Subject: x\r\nMessage-ID: <m@x>\r\n\r\nbody\r\n"
+    assert doc.first("PostedDate") == "20151203T101500,00+01"
+
+
 # --- files ---------------------------------------------------------------------------------
 
 
@@ -215,9 +269,20 @@ def test_flags_filtered_by_permanentflags() -> None:
 
 def test_batches_and_chunks() -> None:
     messages = [SourceMessage(str(i), b"x" * 10) for i in range(7)]
-    items = iter(messages)
-    assert [len(next_batch(items, 3, 10**6)) for _ in range(4)] == [3, 3, 1, 0]
-    assert len(next_batch(iter(messages), 100, 25)) == 3
+    reader = BatchReader(iter(messages), 3, 10**6)
+    assert [len(reader.next()) for _ in range(4)] == [3, 3, 1, 0]
+    # the byte bound is strict: the message that would cross it opens the next batch, none is lost
+    reader = BatchReader(iter(messages), 100, 25)
+    assert [len(reader.next()) for _ in range(5)] == [2, 2, 2, 1, 0]
+    # a message bigger than the bound travels alone; damage records weigh nothing
+    mixed = [
+        SourceMessage("a", b"x" * 5),
+        SourceMessage("b", b"y" * 40),
+        SourceDamage("c", "k", "d"),
+        SourceMessage("d", b"z" * 5),
+    ]
+    reader = BatchReader(iter(mixed), 100, 25)
+    assert [[i.position for i in reader.next()] for _ in range(4)] == [["a"], ["b"], ["c", "d"], []]
     chunks = split_evenly([(str(i), m) for i, m in enumerate(messages)], 3)
     assert sum(len(c) for c in chunks) == 7 and len(chunks) == 3
     assert [k for c in chunks for k, _m in c] == [str(i) for i in range(7)]
@@ -227,6 +292,72 @@ def test_uid_sets() -> None:
     assert parse_uid_set(b"3:5,9") == [3, 4, 5, 9]
     assert appended_uids(("OK", [b"[APPENDUID 38505 3955:3957] Append completed."]), 3) == [3955, 3956, 3957]
     assert appended_uids(b"[APPENDUID 1 7] done", 2) is None
+
+
+class _DroppedClient:
+    """A connection whose next command finds the socket closed (what imaplib raises)."""
+
+    def run(self) -> str:
+        raise imaplib.IMAP4.abort("socket error: EOF")
+
+    def shutdown(self) -> None:
+        pass
+
+
+class _LiveClient:
+    def run(self) -> str:
+        return "done"
+
+
+def _source_with(monkeypatch: pytest.MonkeyPatch, connections: list[object]) -> tuple[ImapSource, list[float]]:
+    import balf.bridge.imap as imap_module
+
+    def connect(login: Login, *, for_source: bool) -> object:
+        outcome = connections.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(imap_module, "connect", connect)
+    source = ImapSource(Login("127.0.0.1", 1143, "src", "pw"))
+    slept: list[float] = []
+    source._sleep = slept.append  # type: ignore[method-assign]
+    return source, slept
+
+
+def test_source_reconnects_while_the_server_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    refused = SourceUnavailable("IMAP server src@127.0.0.1:1143 unreachable: [Errno 111] Connection refused")
+    source, slept = _source_with(monkeypatch, [_DroppedClient(), refused, _LiveClient()])
+    assert source._retry(lambda client: client.run(), "FETCH INBOX") == "done"  # type: ignore[attr-defined]
+    assert slept == [1.0, 3.0]
+
+
+def test_source_that_stays_down_names_itself_and_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    refused = SourceUnavailable("refused")
+    source, slept = _source_with(monkeypatch, [_DroppedClient(), refused, refused, refused])
+    with pytest.raises(SourceUnavailable, match=r"src@127.0.0.1:1143: connection lost during FETCH INBOX, 3 rec"):
+        source._retry(lambda client: client.run(), "FETCH INBOX")  # type: ignore[attr-defined]
+    assert slept == [1.0, 3.0, 6.0]
+
+
+def test_source_login_refused_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    source, slept = _source_with(monkeypatch, [SourceRefused("IMAP login refused for src")])
+    with pytest.raises(SourceRefused):
+        source._retry(lambda client: client.run())  # type: ignore[attr-defined]
+    assert slept == []
+
+
+def test_source_status_tells_an_unchanged_folder() -> None:
+    source = ImapSource(Login("127.0.0.1", 1143, "src", "pw"))
+    folder = SourceFolder(("INBOX",), "INBOX", Role.INBOX)
+    assert not source.unchanged_since(folder, "7:10")  # not listed yet: unknown
+    source._status["INBOX"] = (10, 7, 11)
+    assert source.unchanged_since(folder, "7:10")
+    assert not source.unchanged_since(folder, "7:9")  # a UID given since the checkpoint
+    assert not source.unchanged_since(folder, "8:10")  # UIDVALIDITY changed: read again
+    assert not source.unchanged_since(folder, None)
+    source._status["INBOX"] = (0, 7, 11)
+    assert source.unchanged_since(folder, None)  # empty folder
 
 
 def test_dead_holder() -> None:
@@ -288,8 +419,11 @@ def test_compare_folder() -> None:
         ["m:a", "m:b", "m:z"],
         {"m:c": "trop_volumineux: 60 Mo"},
     )
-    assert verdict.missing == ("m:d",) and verdict.explained == (("m:c", "trop_volumineux: 60 Mo"),)
-    assert verdict.extra == ("m:z",) and verdict.duplicates == 1 and not verdict.ok
+    assert verdict.missing == ("m:d",) and verdict.extra == ("m:z",) and not verdict.ok
+    assert [(d.kind, d.key, d.explanation) for d in verdict.explained] == [
+        ("doublon_source", "m:b", "2 messages de la source ont cette clé: copié une fois"),
+        ("manquant", "m:c", "trop_volumineux: 60 Mo"),
+    ]
 
 
 def test_report_renderings() -> None:

@@ -19,6 +19,7 @@ from balf.config.schema import Config
 from balf.db.engine import session_factory
 from balf.db.models import Service, ServiceAddress, ServiceKind, SpoolEntry, SpoolState
 from balf.gateway.daemon import Gateway, run_gateway
+from tests.harness.ports import free_port
 
 SECRET = "test-secret-" + "x" * 32
 DOMAIN = "balf.test"
@@ -34,7 +35,7 @@ def make_config(tmp_path: Path, db_url: str, dovecot: Any, **overrides: Any) -> 
     data: dict[str, Any] = {
         "data_dir": str(tmp_path / "data"),
         "database": {"url": db_url},
-        "smtp": {"host": "127.0.0.1", "port": 0, "hostname": "mx.balf.test", "shutdown_grace": 1.0},
+        "smtp": {"host": "127.0.0.1", "port": free_port(), "hostname": "mx.balf.test", "shutdown_grace": 1.0},
         "imap": {"host": dovecot.host, "port": dovecot.imap_port, "master_user": dovecot.master_user,
                  "master_password": dovecot.master_password, "timeout": 5.0},
         "gateway": {"domain": DOMAIN, "secret": SECRET, "retry_delay": 0.2, "retry_max_delay": 1.0,

@@ -54,7 +54,7 @@ async def test_outbox_sent_once_and_refusals_dead(db_engine: Any) -> None:
         await _outbox(db_engine, "ack:1")
         assert await send_pending(ledger, RelaySettings("127.0.0.1", port)) == 1
         assert await send_pending(ledger, RelaySettings("127.0.0.1", port)) == 0
-        assert sink.received == [("sip@balf.test", ["jean@exemple.fr"], ACK)]
+        assert sink.received == [("<>", ["jean@exemple.fr"], ACK)]  # RFC 3834 3.3: MAIL FROM:<>
         sink.refuse = True
         await _outbox(db_engine, "ack:2")
         assert await send_pending(ledger, RelaySettings("127.0.0.1", port)) == 0

@@ -278,3 +278,20 @@ def test_imap_response_parsing() -> None:
     assert parse_search([b"3 9", b"Search completed (0.001 + 0.000 secs)."]) == [3, 9]
     assert parse_search([b"SEARCH 4", b"Search completed."]) == [4]
     assert parse_search([b"Search completed."]) == []
+
+
+def test_appenduid_uid_sets_and_multiappend_payload() -> None:
+    """MULTIAPPEND's APPENDUID gives a uid-set in message order (RFC 4315 3); the payload sends
+    the first literal synchronising and the others as LITERAL+ (RFC 7888)."""
+    import datetime as dt
+
+    from balf.gateway.store import Copy, multiappend_payload, parse_appenduid, parse_appenduid_set
+
+    assert parse_appenduid_set([b"[APPENDUID 38505 3955:3957] APPEND completed"]) == (38505, [3955, 3956, 3957])
+    assert parse_appenduid_set(["[APPENDUID 7 1,4:5]"]) == (7, [1, 4, 5])
+    assert parse_appenduid([b"[APPENDUID 7 9:10] ok"]) == (7, 10)
+    assert parse_appenduid_set([b"OK APPEND completed"]) == (None, [])
+    when = dt.datetime(2026, 11, 25, 10, 0, tzinfo=dt.UTC)
+    head, payload = multiappend_payload([Copy(b"A\r\n", when, "S1"), Copy(b"\xe9B\r\n", when, "S2")])
+    assert head == 'INBOX "25-Nov-2026 10:00:00 +0000" {3}'
+    assert payload == b'A\r\n "25-Nov-2026 10:00:00 +0000" {4+}\r\n\xe9B\r\n'
