@@ -7,6 +7,7 @@ key, rather than when the part that uses it starts.
 
 from __future__ import annotations
 
+from balf.config.errors import ConfigError
 from balf.config.schema import Config
 
 MIN_SECRET_LENGTH = 16  # characters; `balf init` writes 32 random bytes
@@ -15,8 +16,6 @@ MIN_SECRET_LENGTH = 16  # characters; `balf init` writes 32 random bytes
 def check_config(config: Config, source: str) -> None:
     """Raise :class:`ConfigError` (one line: ``source``, the key, what to do) for the first
     problem found."""
-    from balf.config.loader import ConfigError  # here: loader imports this module at its top
-
     relay = config.relay
     if (relay.username or relay.password) and relay.tls == "none":
         # Credentials in clear text on the wire: AUTH only over TLS (RFC 4954 4, RFC 8314).

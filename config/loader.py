@@ -15,15 +15,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from balf.config.checks import check_config
+from balf.config.errors import ConfigError
 from balf.config.schema import Config
 
 DEFAULT_PATH = Path("/etc/balf/balf.toml")
 ENV_PREFIX = "BALF_"
 ENV_PATH = "BALF_CONFIG"
-
-
-class ConfigError(Exception):
-    """The configuration is unusable; the message says where and what is expected."""
 
 
 def config_path(explicit: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path:
@@ -67,7 +65,9 @@ def load_config(
 def build_config(data: Mapping[str, Any], environ: Mapping[str, str], *, source: str) -> Config:
     """Validate a parsed TOML mapping plus environment overrides into a frozen Config."""
     merged = _apply_environment(data, environ)
-    return _build(Config, merged, source, prefix="")
+    config: Config = _build(Config, merged, source, prefix="")
+    check_config(config, source)
+    return config
 
 
 def _apply_environment(data: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:

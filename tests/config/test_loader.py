@@ -99,8 +99,8 @@ def test_shipped_example_is_the_rendered_schema_and_documents_every_key(tmp_path
 
 
 def test_rendered_overrides_load_back() -> None:
-    text = render_example({"data_dir": "/tmp/x", "gateway": {"secret": "s3cr\"et"}})
+    text = render_example({"data_dir": "/tmp/x", "gateway": {"secret": "s3cr\"et-long-enough-for-a-key"}})
     import tomllib
 
     config = build_config(tomllib.loads(text), {}, source="t")
-    assert config.data_dir == "/tmp/x" and config.gateway.secret == 's3cr"et'
+    assert config.data_dir == "/tmp/x" and config.gateway.secret == 's3cr"et-long-enough-for-a-key'
