@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from balf.config.checks import check_config
-from balf.config.schema import Config
 from balf.config.loader import ConfigError, build_config, load_config
+from balf.config.schema import Config
 
 GOOD_SECRET = "s" * 32
 
