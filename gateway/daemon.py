@@ -121,57 +121,65 @@ async def run_gateway(config: Config, engine: AsyncEngine, stop: asyncio.Event, 
     tls = tls_context(s.tls_cert, s.tls_key)
     listeners: list[tuple[asyncio.Server, SessionLimits]] = []
     workers_stop = asyncio.Event()
+    # The spool's background work (directory flushes; stores whose session was cancelled)
+    # runs in this group, which outlives the listeners: at exit every store has finished and
+    # a store no client heard 250 for has been withdrawn.
     try:
-        if separate:
-            gateway.delivery = DeliveryProcess(config)
-            gateway.delivery.start()
-        for enabled, lmtp, host, port in ((s.enabled, False, s.host, s.port),
-                                          (s.lmtp_enabled, True, s.lmtp_host, s.lmtp_port)):
-            if not enabled:
-                continue
-            limits = SessionLimits(s.max_connections, s.data_timeout)
-            handler = GatewayHandler(directory=directory, spool=spool, secret=secret_of(config),
-                                     hostname=hostname, max_recipients=s.max_recipients, lmtp=lmtp)
-            server = await start_listener(handler, host=host, port=port, limits=limits, lmtp=lmtp,
-                                          hostname=hostname, data_size_limit=s.max_message_size,
-                                          command_timeout=s.command_timeout, tls=tls)
-            listeners.append((server, limits))
-            if lmtp:
-                gateway.lmtp_server = server
-            else:
-                gateway.smtp_server = server
-        if started is not None and not started.done():
-            started.set_result(gateway)
-        indexed = asyncio.Event()
-        async with asyncio.TaskGroup() as tg:
-            if gateway.delivery is not None:
-                tg.create_task(refresh_directory(ledger, directory, workers_stop,
-                                                 config.gateway.directory_refresh))
-                tg.create_task(index_loop(spool, ledger, workers_stop, indexed))
-                tg.create_task(forward_wakes(indexed, gateway.delivery, workers_stop))
-                tg.create_task(_watch_delivery(gateway.delivery, workers_stop))
-            else:
-                assert ctx is not None
-                tg.create_task(run_workers(config, ctx, workers_stop, indexed, spool=spool,
-                                           directory=directory))
-            await stop.wait()
-            log.info("event=gateway.stopping")
-            for server, limits in listeners:
-                await stop_listener(server, limits, s.shutdown_grace)
-            workers_stop.set()
-            if gateway.delivery is not None:
-                await gateway.delivery.stop(timeout=30)
+        async with asyncio.TaskGroup() as spool_tasks:
+            spool.tasks = spool_tasks
+            try:
+                if separate:
+                    gateway.delivery = DeliveryProcess(config)
+                    gateway.delivery.start()
+                for enabled, lmtp, host, port in ((s.enabled, False, s.host, s.port),
+                                                  (s.lmtp_enabled, True, s.lmtp_host, s.lmtp_port)):
+                    if not enabled:
+                        continue
+                    limits = SessionLimits(s.max_connections, s.data_timeout)
+                    handler = GatewayHandler(directory=directory, spool=spool, secret=secret_of(config),
+                                             hostname=hostname, max_recipients=s.max_recipients, lmtp=lmtp)
+                    server = await start_listener(handler, host=host, port=port, limits=limits, lmtp=lmtp,
+                                                  hostname=hostname, data_size_limit=s.max_message_size,
+                                                  command_timeout=s.command_timeout, tls=tls)
+                    listeners.append((server, limits))
+                    if lmtp:
+                        gateway.lmtp_server = server
+                    else:
+                        gateway.smtp_server = server
+                if started is not None and not started.done():
+                    started.set_result(gateway)
+                indexed = asyncio.Event()
+                async with asyncio.TaskGroup() as tg:
+                    if gateway.delivery is not None:
+                        tg.create_task(refresh_directory(ledger, directory, workers_stop,
+                                                         config.gateway.directory_refresh))
+                        tg.create_task(index_loop(spool, ledger, workers_stop, indexed))
+                        tg.create_task(forward_wakes(indexed, gateway.delivery, workers_stop))
+                        tg.create_task(_watch_delivery(gateway.delivery, workers_stop))
+                    else:
+                        assert ctx is not None
+                        tg.create_task(run_workers(config, ctx, workers_stop, indexed, spool=spool,
+                                                   directory=directory))
+                    await stop.wait()
+                    log.info("event=gateway.stopping")
+                    for server, limits in listeners:
+                        await stop_listener(server, limits, s.shutdown_grace)
+                    workers_stop.set()
+                    if gateway.delivery is not None:
+                        await gateway.delivery.stop(timeout=30)
+            finally:
+                workers_stop.set()
+                for server, _ in listeners:
+                    if server.is_serving():
+                        server.close()
+                if gateway.delivery is not None:
+                    await gateway.delivery.stop(timeout=30)
+                elif ctx is not None and store is None:
+                    await ctx.store.close()
+                log.info("event=gateway.stopped delivered=%s dead=%s", ctx.delivered if ctx else "-",
+                         ctx.dead if ctx else "-")
     finally:
-        workers_stop.set()
-        for server, _ in listeners:
-            if server.is_serving():
-                server.close()
-        if gateway.delivery is not None:
-            await gateway.delivery.stop(timeout=30)
-        elif ctx is not None and store is None:
-            await ctx.store.close()
-        log.info("event=gateway.stopped delivered=%s dead=%s", ctx.delivered if ctx else "-",
-                 ctx.dead if ctx else "-")
+        spool.tasks = None
 
 
 async def _watch_delivery(child: DeliveryProcess, stopping: asyncio.Event) -> None:

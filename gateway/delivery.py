@@ -122,16 +122,21 @@ class DeliveryProcess:
 
 async def forward_wakes(indexed: asyncio.Event, child: DeliveryProcess, stop: asyncio.Event) -> None:
     """Poke the delivery process whenever the listener's indexer has added entries."""
-    stopped = asyncio.ensure_future(stop.wait())
+    while not stop.is_set():
+        await _wait_first(indexed, stop)
+        indexed.clear()
+        child.wake()
+
+
+async def _wait_first(*events: asyncio.Event) -> None:
+    """Until one of ``events`` is set; the waiters are gone when this returns (or is cancelled)."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
     try:
-        while not stop.is_set():
-            added = asyncio.ensure_future(indexed.wait())
-            await asyncio.wait([added, stopped], return_when=asyncio.FIRST_COMPLETED)
-            added.cancel()
-            indexed.clear()
-            child.wake()
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        stopped.cancel()
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
 
 
 # --- the delivery process itself ----------------------------------------------------------

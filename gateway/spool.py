@@ -31,14 +31,16 @@ import errno
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 from balf.gateway.errors import PermanentFailure, SpoolUnavailable
 from balf.gateway.model import Envelope, SpooledMessage
 from balf.gateway.parse import sha256_of
 
 log = logging.getLogger("balf.gateway.spool")
+T = TypeVar("T")
 
 
 def encode_entry(envelope: Envelope, raw: bytes, sha256: str) -> bytes:
@@ -80,7 +82,11 @@ class FileSpool:
         self.fsync_dir = fsync_dir or _fsync_dir  # a seam: tests make the directory fsync fail
         self._unconfirmed: set[str] = set()  # in queue/ but not yet acknowledged: not indexed
         self._waiters: list[asyncio.Future[None]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Future[None] | None = None
+        # The daemon's TaskGroup for the background work below (directory flushes, stores
+        # whose session was cancelled): it outlives the listeners, so at shutdown every
+        # store finishes (and is withdrawn) before the process exits. None: the caller's loop.
+        self.tasks: asyncio.TaskGroup | None = None
         self.flushes = 0  # directory fsyncs done (group commit efficiency = stored / flushes)
         self.stored = 0
         self.new_entries: asyncio.Event = asyncio.Event()
@@ -103,7 +109,7 @@ class FileSpool:
         """
         spool_id = envelope.spool_id
         self._unconfirmed.add(spool_id)
-        work = asyncio.ensure_future(self._store(envelope, raw))
+        work = self._background(self._store(envelope, raw))
         try:
             message = await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -177,8 +183,30 @@ class FileSpool:
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_loop())
+            self._flusher = self._background(self._flush_loop())
         await waiter
+
+    def _background(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """Run ``coro`` as a task of ``self.tasks`` (when set); its outcome is the returned
+        future's and is never raised into the group (one failed store must not stop it)."""
+        if self.tasks is None:
+            return asyncio.ensure_future(coro)
+        result: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+        async def run() -> None:
+            try:
+                value = await coro
+            except asyncio.CancelledError:
+                result.cancel()
+                raise
+            except Exception as exc:  # noqa: BLE001 - handed to whoever awaits the result
+                if not result.done():
+                    result.set_exception(exc)
+            else:
+                if not result.done():
+                    result.set_result(value)
+        self.tasks.create_task(run())
+        return result
 
     async def _flush_loop(self) -> None:
         while self._waiters:

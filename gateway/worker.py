@@ -401,11 +401,16 @@ def _acknowledgement_maker(ctx: Context, routed: Routed,
             _log_mail(mail, "acknowledgement_skipped", reason=decision.reason)
             return None
         local = routed.service.address.split("@")[0] or "balf"
-        content = render_acknowledgement(
-            mail, routed.service, reference=reference,
-            reply_to=tokens.reply_address(s.secret, local, s.domain, thread_id),
-            message_id=tokens.make_message_id(s.secret, s.domain, thread_id),
-            portal_url=s.portal_url, now=now)
+        try:
+            content = render_acknowledgement(
+                mail, routed.service, reference=reference,
+                reply_to=tokens.reply_address(s.secret, local, s.domain, thread_id),
+                message_id=tokens.make_message_id(s.secret, s.domain, thread_id),
+                portal_url=s.portal_url, now=now)
+        except Exception as exc:  # noqa: BLE001 - no acknowledgement; the message is still recorded
+            log.error("event=worker.acknowledgement_failed spool_id=%s service=%s error=%r",
+                      mail.envelope.spool_id, routed.service.code, exc)
+            return None
         return Outgoing("acknowledgement", f"ack:{mail.envelope.spool_id}:{routed.service.id}",
                         routed.service.address or f"balf@{s.domain}", mail.envelope.mail_from, content)
     return make

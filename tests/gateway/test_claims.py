@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from sqlalchemy import func, select
 from balf.cli.main import cli
 from balf.db.engine import create_engine, session_factory
 from balf.db.models import Message, NotificationOutbox, Service, ServiceAddress, ServiceKind, SpoolEntry, SpoolState
-from balf.gateway.daemon import make_store, worker_settings
+from balf.gateway.daemon import make_store
 from balf.gateway.errors import GatewayError
 from balf.gateway.ledger import ClaimLost, RecordRequest, SqlLedger
 from balf.gateway.model import Delivered, Envelope, OpenThread, Outgoing, Routed, ServiceRef, SpooledMessage
@@ -86,10 +87,10 @@ async def test_late_results_of_an_expired_claim_do_not_apply(db_engine: Any) -> 
     b = SqlLedger(db_engine, secret=SECRET.encode(), domain="balf.test", instance="gw-b")
     await index_entries(a, ["E1", "E2"], service.address)
 
-    claimed_a = {c.spool_id: c for c in await a.claim(10, 1.0, T0)}
+    claimed_a = {c.spool_id: c for c in await a.claim(10, 1.0, T0 + dt.timedelta(seconds=0.1))}
     assert set(claimed_a) == {"E1", "E2"}
     # Within A's lease, B gets nothing; past it (A stalled on a hung Dovecot), B claims both.
-    assert await b.claim(10, 60.0, T0 + dt.timedelta(seconds=0.5)) == []
+    assert await b.claim(10, 60.0, T0 + dt.timedelta(seconds=0.6)) == []
     later = T0 + dt.timedelta(seconds=2)
     claimed_b = {c.spool_id: c for c in await b.claim(10, 60.0, later)}
     assert set(claimed_b) == {"E1", "E2"}
@@ -197,46 +198,57 @@ async def test_a_slow_delivery_keeps_its_claim(db_engine: Any, db_url: str, dove
 
 # --- two gateways on one PostgreSQL and one Dovecot ------------------------------------------------
 
+@pytest.fixture
+def pg_url(postgres_databases: Any) -> str:
+    return str(postgres_databases.fresh())
+
+
+@pytest.fixture
+async def pg_engine(pg_url: str) -> AsyncIterator[Any]:
+    engine = create_engine(pg_url)
+    yield engine
+    await engine.dispose()
+
+
 @pytest.mark.slow
-async def test_two_gateways_deliver_each_message_once(postgres_databases: Any, dovecot: Any,
+async def test_two_gateways_deliver_each_message_once(pg_url: str, pg_engine: Any, dovecot: Any,
                                                        tmp_path: Path, gateway_factory: Any) -> None:
     """Two instances (each with its delivery process) share PostgreSQL and Dovecot, with a
     short lease and small batches so that claims interleave; every message ends in IMAP once
     (FETCH) and in ``messages`` once."""
-    db_url = postgres_databases.fresh()
-    engine = create_engine(db_url)
-    try:
-        sip, sie = await seed_services(engine, dovecot, 2)
-        gateways = []
-        for name in ("gw-a", "gw-b"):
-            config = make_config(tmp_path / name, db_url, dovecot,
-                                 gateway={"instance": name, "claim_lease": 1.0, "batch": 4})
-            gateways.append(await gateway_factory(config, engine))
-        ports = [gw.smtp_server.sockets[0].getsockname()[1] for gw in gateways]
+    engine = pg_engine
+    sip, sie = await seed_services(engine, dovecot, 2)
+    gateways = []
+    for name in ("gw-a", "gw-b"):
+        config = make_config(tmp_path / name, pg_url, dovecot,
+                             gateway={"instance": name, "claim_lease": 0.4, "batch": 4})
+        gateways.append(await gateway_factory(config, engine))
+    ports = [gw.smtp_server.sockets[0].getsockname()[1] for gw in gateways]
 
-        def client(n: int) -> list[str]:
-            out = []
-            for i in range(25):
-                to = [sip.address] if i % 3 else [sip.address, sie.address]
-                out.append(smtp_send(ports[n % 2], "jean@exemple.fr", to, message(
-                    "jean@exemple.fr", to[0], f"t{n}-{i}", mid=f"<t{n}.{i}@exemple.fr>")))
-            return out
+    def client(n: int) -> list[str]:
+        out = []
+        for i in range(25):
+            to = [sip.address] if i % 3 else [sip.address, sie.address]
+            out.append(smtp_send(ports[n % 2], "jean@exemple.fr", to, message(
+                "jean@exemple.fr", to[0], f"t{n}-{i}", mid=f"<t{n}.{i}@exemple.fr>")))
+        return out
 
-        sent = [sid for ids in await asyncio.gather(*(asyncio.to_thread(client, n) for n in range(4)))
-                for sid in ids]
-        await wait_spool_state(engine, total=len(sent), timeout=120)
-        in_sip = spool_ids_in(await asyncio.to_thread(imap_messages, dovecot, sip.account))
-        in_sie = spool_ids_in(await asyncio.to_thread(imap_messages, dovecot, sie.account))
-        assert sorted(in_sip) == sorted(sent), "a message is missing or stored twice (sip)"
-        both = [sid for n in range(4) for i, sid in enumerate(sent[n * 25:(n + 1) * 25]) if not i % 3]
-        assert sorted(in_sie) == sorted(both), "a message is missing or stored twice (sie)"
-        async with session_factory(engine)() as s:
-            recorded = (await s.execute(select(Message.spool_id, Message.service_id))).all()
-            claimers = set((await s.execute(select(SpoolEntry.state).distinct())).scalars())
-        assert len(recorded) == len(set(recorded)) == len(in_sip) + len(in_sie)
-        assert claimers == {SpoolState.DONE}
-    finally:
-        await engine.dispose()
+    # The clients' own threads: the default executor is the gateways' (spool writes, fsyncs).
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(4) as clients:
+        sent = [sid for ids in await asyncio.gather(*(loop.run_in_executor(clients, client, n)
+                                                      for n in range(4))) for sid in ids]
+    await wait_spool_state(engine, total=len(sent), timeout=120)
+    in_sip = spool_ids_in(await asyncio.to_thread(imap_messages, dovecot, sip.account))
+    in_sie = spool_ids_in(await asyncio.to_thread(imap_messages, dovecot, sie.account))
+    assert sorted(in_sip) == sorted(sent), "a message is missing or stored twice (sip)"
+    both = [sid for n in range(4) for i, sid in enumerate(sent[n * 25:(n + 1) * 25]) if not i % 3]
+    assert sorted(in_sie) == sorted(both), "a message is missing or stored twice (sie)"
+    async with session_factory(engine)() as s:
+        recorded = (await s.execute(select(Message.spool_id, Message.service_id))).all()
+        claimers = set((await s.execute(select(SpoolEntry.state).distinct())).scalars())
+    assert len(recorded) == len(set(recorded)) == len(in_sip) + len(in_sie)
+    assert claimers == {SpoolState.DONE}
 
 
 # --- 2. `balf spool retry` leaves an entry being delivered alone ------------------------------------
@@ -245,10 +257,11 @@ async def _claimed_entries(url: str) -> None:
     engine = create_engine(url)
     ledger = SqlLedger(engine, secret=SECRET.encode(), domain="balf.test", instance="gw-a")
     now = dt.datetime.now(dt.UTC)
-    await index_entries(ledger, ["LIVE", "STALE", "DEAD"], "service0@balf.test", at=now)
+    await index_entries(ledger, ["LIVE", "DEAD", "STALE"], "service0@balf.test",
+                        at=now - dt.timedelta(minutes=10))
     [live] = await ledger.claim(1, 300.0, now)  # being delivered right now
-    [stale] = await ledger.claim(1, 1.0, now - dt.timedelta(minutes=5))  # its holder died
     [dead] = await ledger.claim(1, 300.0, now)
+    [stale] = await ledger.claim(1, 1.0, now - dt.timedelta(minutes=5))  # its holder died
     assert (live.spool_id, stale.spool_id, dead.spool_id) == ("LIVE", "STALE", "DEAD")
     assert await ledger.dead_letter("DEAD", "deliver: refused", now, attempts=dead.attempts)
     await engine.dispose()
@@ -266,7 +279,7 @@ async def _state(url: str, spool_id: str) -> tuple[SpoolState, str | None]:
 def test_spool_retry_leaves_an_entry_being_delivered_alone(db_url: str, tmp_path: Path) -> None:
     asyncio.run(_claimed_entries(db_url))
     conf = tmp_path / "balf.toml"
-    conf.write_text(f'data_dir = "{tmp_path}"\n[database]\nurl = "{db_url}"\n[gateway]\nsecret = "x"\n')
+    conf.write_text(f'data_dir = "{tmp_path}"\n[database]\nurl = "{db_url}"\n[gateway]\nsecret = "{SECRET}"\n')
     run = lambda *args: CliRunner().invoke(cli, ["--config", str(conf), "spool", *args])  # noqa: E731
 
     busy = run("retry", "LIVE")
@@ -361,9 +374,3 @@ async def test_stop_cancels_batches_past_the_grace_and_leaves_no_task(db_engine:
     assert (row.state, row.claimed_by) == (SpoolState.QUEUED, "gw-a")
     assert ctx.leases.held == {}
 
-
-def test_worker_settings_of_the_config_keep_the_lease(tmp_path: Path) -> None:
-    class D:
-        host, imap_port, master_user, master_password = "127.0.0.1", 1, "m", "p"
-    config = make_config(tmp_path, "sqlite+aiosqlite:///x", D(), gateway={"claim_lease": 7.0})
-    assert worker_settings(config).lease == 7.0

@@ -32,7 +32,7 @@ async def _seed(url: str) -> None:
 def test_spool_commands(db_url: str, tmp_path: Path) -> None:
     asyncio.run(_seed(db_url))
     conf = tmp_path / "balf.toml"
-    conf.write_text(f'data_dir = "{tmp_path}"\n[database]\nurl = "{db_url}"\n[gateway]\nsecret = "x"\n')
+    conf.write_text(f'data_dir = "{tmp_path}"\n[database]\nurl = "{db_url}"\n[gateway]\nsecret = "{"s" * 32}"\n')
     run = lambda *args: CliRunner().invoke(cli, ["--config", str(conf), "spool", *args])  # noqa: E731
 
     out = run("list")

@@ -313,8 +313,6 @@ def test_acknowledgement_dates_are_paris_time() -> None:
     assert "25/11/2026 à 10:30" in ack.get_content() and m.envelope.arrived_at.hour == 9
 
 
-@pytest.mark.xfail(strict=True, reason="needs gateway/ledger.py to count from acknowledgement.day_start "
-                                       "(owned by another engineer; see the hardening report)")
 async def test_daily_limit_counts_the_paris_day(db_engine: Any) -> None:
     ledger = SqlLedger(db_engine, secret=SECRET, domain="balf.test", instance="t")
     evening = dt.datetime(2026, 1, 15, 22, 40, tzinfo=dt.UTC)  # 23:40 in Paris, 15 January
@@ -348,8 +346,6 @@ def test_null_reverse_path_spooled_as_angle_brackets_is_not_acknowledged() -> No
     assert (d.send, d.reason) == (False, "null reverse-path")
 
 
-@pytest.mark.xfail(strict=True, reason="needs gateway/worker.py to treat a rendering failure as "
-                                       "'no acknowledgement' (owned by another engineer; see the hardening report)")
 def test_rendering_failure_means_no_acknowledgement_not_a_failed_record() -> None:
     from balf.gateway.model import OpenThread, Routed, ServiceRef
     from balf.gateway.worker import Context, WorkerSettings, _acknowledgement_maker
