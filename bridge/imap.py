@@ -33,7 +33,7 @@ from balf.bridge.model import Quota, Role, SourceDamage, SourceFolder, SourceIte
 
 T = TypeVar("T")
 
-FETCH_BATCH_BYTES = 8 * 1024 * 1024
+FETCH_BATCH_BYTES = 4 * 1024 * 1024  # what one FETCH brings at most (a bigger message alone)
 FETCH_BATCH_COUNT = 200
 HEADER_BATCH = 1000
 RECONNECT_DELAYS = (1.0, 3.0, 6.0)  # seconds before each new attempt: a restarting server gets ~10 s

@@ -24,6 +24,7 @@ simply accumulate here and are indexed when it returns.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
@@ -41,6 +42,7 @@ from balf.gateway.parse import sha256_of
 
 log = logging.getLogger("balf.gateway.spool")
 T = TypeVar("T")
+WRITER_THREADS = 32  # concurrent spool writes (each mostly waits on its fsync)
 
 
 def encode_entry(envelope: Envelope, raw: bytes, sha256: str) -> bytes:
@@ -90,6 +92,11 @@ class FileSpool:
         self.flushes = 0  # directory fsyncs done (group commit efficiency = stored / flushes)
         self.stored = 0
         self.new_entries: asyncio.Event = asyncio.Event()
+        # Writes wait on fsync, not on the CPU: one thread per concurrent session lets the
+        # file system commit their journal entries together, and keeps them off the default
+        # executor that other blocking calls share.
+        self._writers = concurrent.futures.ThreadPoolExecutor(max_workers=WRITER_THREADS,
+                                                              thread_name_prefix="spool-write")
 
     def open(self) -> None:
         """Create the directories and drop files that were never acknowledged."""
@@ -131,7 +138,8 @@ class FileSpool:
         sha256 = sha256_of(raw)
         data = encode_entry(envelope, raw, sha256)
         try:
-            await asyncio.to_thread(self._write, envelope.spool_id, data)
+            await asyncio.get_running_loop().run_in_executor(self._writers, self._write,
+                                                             envelope.spool_id, data)
         except OSError as exc:
             raise SpoolUnavailable(f"spool write failed: {exc.strerror or exc}") from None
         try:
