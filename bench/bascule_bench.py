@@ -15,7 +15,7 @@ a second pass over the migrated mailbox, and whether every message arrived byte-
 against mbsync are printed at the end. ``--scale 10`` repeats balf alone on a corpus ten times
 larger to show that its peak memory does not grow with the mailbox.
 
-    /tmp/probe/bin/python bench/bascule_bench.py [--messages 5000] [--connections 4] [--scale 10] [--json out.json]
+    .venv/bin/python bench/bascule_bench.py [--messages 5000] [--connections 4] [--scale 10] [--json out.json]
 """
 
 from __future__ import annotations

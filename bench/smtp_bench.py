@@ -7,7 +7,7 @@ Both are loaded with Postfix's ``smtp-source`` (20 sessions of 20 KB messages, s
 is a file in the recipient's Maildir (and, for balf, recorded: spool entries done). Then a paced
 Python client sends at half balf's measured rate and records the time to 250 of each message.
 
-    /tmp/probe/bin/python bench/smtp_bench.py [--messages 5000] [--mailboxes 4] [--sessions 20]
+    .venv/bin/python bench/smtp_bench.py [--messages 5000] [--mailboxes 4] [--sessions 20]
 
 Needs root or a user Dovecot/Postfix accept; installs nothing (apt-get install postfix first).
 Figures and how to read them: docs/benchmarks.md (SMTP section).
