@@ -14,7 +14,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from imapclient import IMAPClient
@@ -54,7 +54,7 @@ class Login:
     host: str
     port: int
     username: str
-    password: str
+    password: str = field(repr=False)  # never in a traceback or a log line
     tls: str = "none"  # none | starttls | ssl
     timeout: float = 60.0
 

@@ -56,9 +56,9 @@ class TargetAccess:
     port: int
     tls: str
     master_user: str
-    master_password: str
+    master_password: str = field(repr=False)  # never in a traceback or a log line
     timeout: float = 60.0
-    account_passwords: dict[str, str] = field(default_factory=dict)
+    account_passwords: dict[str, str] = field(default_factory=dict, repr=False)
 
     def login(self, account: str) -> Login:
         if account in self.account_passwords:

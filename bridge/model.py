@@ -89,7 +89,8 @@ class MailboxOptions:
     dedup_mode: str = "Message-ID entiers"  # the mode in words, and why: for logs and reports
     folder_map: tuple[tuple[str, str], ...] = ()  # source path -> target path ("/"-separated)
     exclude: tuple[str, ...] = ()  # fnmatch patterns on the source path
-    password: str | None = None  # never from a plan (refused: the plan is stored); programmatic use only
+    # Never from a plan (refused: the plan is stored); programmatic use only; never in a repr.
+    password: str | None = field(default=None, repr=False)
     password_env: str | None = None
     password_file: str | None = None
     tls: str = "none"
