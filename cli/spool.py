@@ -62,11 +62,21 @@ def list_command(ctx: click.Context, states: tuple[str, ...], limit: int) -> Non
     """Entries waiting (queued), undeliverable (dead) or delivered (done), oldest first."""
     config = state(ctx).config()
     wanted = STATES if "all" in states else (states or ("queued", "dead"))
-    files = sum(1 for _ in FileSpool(config.spool_dir).pending())
+    spool = FileSpool(config.spool_dir)
+    try:
+        files = sum(1 for _ in spool.pending())
+        corrupt = spool.corrupt()
+    finally:
+        spool.close()
     items = run_async(_with_ledger, config, lambda ledger: ledger.list_entries(wanted, limit))
     if files:
         click.echo(f"{files} message(s) accepted but not yet indexed in the database "
                    f"(spool directory {config.spool_dir}/queue)")
+    if corrupt:
+        click.echo(f"{len(corrupt)} file(s) set aside, never delivered: unreadable or refused by the "
+                   f"database (see the log's event=spool.corrupt lines); in {config.spool_dir}/corrupt:")
+        for path in corrupt:
+            click.echo(f"  {path.name}")
     if not items:
         click.echo(f"no {' or '.join(wanted)} entries")
         return

@@ -180,6 +180,9 @@ async def run_gateway(config: Config, engine: AsyncEngine, stop: asyncio.Event, 
                          ctx.dead if ctx else "-")
     finally:
         spool.tasks = None
+        # After the group: no store is running. Joins the writer threads (one still writing
+        # for an aborted session finishes, then its file is withdrawn before we return).
+        await asyncio.to_thread(spool.close)
 
 
 async def _watch_delivery(child: DeliveryProcess, stopping: asyncio.Event) -> None:

@@ -87,6 +87,7 @@ class DeliveryProcess:
         self.process = mp.Process(target=child_main, args=(config, reader, os.getpid()),
                                   name="balf-delivery")
         self._reader: Connection | None = reader
+        self._end: asyncio.Future[None] | None = None
 
     def start(self) -> None:
         # Started from the event loop's (main) thread: PR_SET_PDEATHSIG follows this thread.
@@ -104,19 +105,46 @@ class DeliveryProcess:
         except OSError:
             pass  # the child is gone; watch() reports it
 
+    def _ended(self) -> asyncio.Future[None]:
+        """Done once the process has ended and been reaped. One reaper: the loop watches the
+        process's sentinel and joins it (at once: it has ended) in the loop's thread, so
+        ``watch`` and ``stop`` never join it from two threads."""
+        if self._end is None:
+            loop = asyncio.get_running_loop()
+            end: asyncio.Future[None] = loop.create_future()
+            sentinel = self.process.sentinel
+
+            def reap() -> None:
+                loop.remove_reader(sentinel)
+                # The sentinel closes as the process exits, a moment before waitpid can reap it.
+                self.process.join(0)
+                if self.process.exitcode is None:
+                    loop.call_later(0.01, reap)
+                elif not end.done():
+                    end.set_result(None)
+            loop.add_reader(sentinel, reap)
+            self._end = end
+        return self._end
+
     async def watch(self) -> None:
         """Return when the process has ended (for whatever reason)."""
-        await asyncio.to_thread(self.process.join)
+        await asyncio.shield(self._ended())
 
     async def stop(self, timeout: float) -> None:
         """SIGTERM, wait ``timeout`` seconds for the clean stop, then SIGKILL."""
-        if self.process.is_alive():
-            self.process.terminate()
-            await asyncio.to_thread(self.process.join, timeout)
-        if self.process.is_alive():
-            log.warning("event=delivery.kill pid=%s", self.process.pid)
-            self.process.kill()
-            await asyncio.to_thread(self.process.join, 5)
+        if self.process.pid is not None:  # started
+            end = self._ended()
+            if not end.done():
+                self.process.terminate()
+                try:
+                    await asyncio.wait_for(asyncio.shield(end), timeout)
+                except TimeoutError:
+                    log.warning("event=delivery.kill pid=%s", self.process.pid)
+                    self.process.kill()
+                    try:
+                        await asyncio.wait_for(asyncio.shield(end), 5)
+                    except TimeoutError:
+                        log.error("event=delivery.not_reaped pid=%s", self.process.pid)
         self._writer.close()
 
 

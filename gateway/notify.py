@@ -21,7 +21,7 @@ import email.parser
 import email.policy
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiosmtplib
 
@@ -38,7 +38,7 @@ class RelaySettings:
     port: int
     tls: str = "none"
     username: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)  # never in logs or tracebacks
     timeout: float = 30.0
     retry_delay: float = 60.0
     max_attempts: int = 20

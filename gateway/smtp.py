@@ -83,12 +83,20 @@ class GatewayHandler:
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: SmtpEnvelope,
                           address: str, mail_options: list[str]) -> str:
+        if _path_too_long(address):
+            log.info("event=smtp.mail_refused peer=%s reason='path too long' length=%d",
+                     _peer(session), len(address))
+            return str(replies.SENDER_PATH_TOO_LONG)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return str(replies.SENDER_OK)
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: SmtpEnvelope,
                           address: str, rcpt_options: list[str]) -> str:
+        if _path_too_long(address):
+            log.info("event=smtp.rcpt_refused peer=%s reason='path too long' length=%d",
+                     _peer(session), len(address))
+            return str(replies.RECIPIENT_PATH_TOO_LONG)
         if len(envelope.rcpt_tos) >= self.max_recipients:
             return str(replies.TOO_MANY_RECIPIENTS)  # RFC 5321 4.5.3.1.10: 452, client retries the rest
         table = self.directory.table
@@ -140,6 +148,14 @@ class GatewayHandler:
     async def handle_exception(self, error: Exception) -> str:
         log.exception("event=smtp.session_error error=%r", error)
         return str(replies.TEMPORARY_LOCAL_ERROR)
+
+
+MAX_PATH_OCTETS = 256  # RFC 5321 4.5.3.1.3, angle brackets included
+
+
+def _path_too_long(address: str | None) -> bool:
+    """The reverse- or forward-path would exceed 256 octets (and the database's columns)."""
+    return address is not None and len(address.encode("utf-8", "surrogateescape")) + 2 > MAX_PATH_OCTETS
 
 
 def _peer(session: Session) -> str:

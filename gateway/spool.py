@@ -75,13 +75,15 @@ class FileSpool:
 
     def __init__(self, directory: str | os.PathLike[str], *, group_commit_ms: float = 2.0,
                  min_free_bytes: int = 0,
-                 fsync_dir: Callable[[Path], None] | None = None) -> None:
+                 fsync_dir: Callable[[Path], None] | None = None,
+                 write_file: Callable[[str, bytes], None] | None = None) -> None:
         self.root = Path(directory)
         self.tmp = self.root / "tmp"
         self.queue = self.root / "queue"
         self.group_commit = group_commit_ms / 1000
         self.min_free_bytes = min_free_bytes
         self.fsync_dir = fsync_dir or _fsync_dir  # a seam: tests make the directory fsync fail
+        self.write_file = write_file or self._write  # a seam: tests hold a write in its thread
         self._unconfirmed: set[str] = set()  # in queue/ but not yet acknowledged: not indexed
         self._waiters: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Future[None] | None = None
@@ -97,6 +99,10 @@ class FileSpool:
         # executor that other blocking calls share.
         self._writers = concurrent.futures.ThreadPoolExecutor(max_workers=WRITER_THREADS,
                                                               thread_name_prefix="spool-write")
+
+    def close(self) -> None:
+        """Stop the writer threads, after the writes in progress (call once nothing stores)."""
+        self._writers.shutdown(wait=True)
 
     def open(self) -> None:
         """Create the directories and drop files that were never acknowledged."""
@@ -115,15 +121,22 @@ class FileSpool:
         caller never answered 250, so the message must not be delivered.
         """
         spool_id = envelope.spool_id
+        sha256 = sha256_of(raw)
+        data = encode_entry(envelope, raw, sha256)
         self._unconfirmed.add(spool_id)
-        work = self._background(self._store(envelope, raw))
+        try:
+            written = self._writers.submit(self.write_file, spool_id, data)
+        except RuntimeError:  # closed: the daemon is stopping
+            self._unconfirmed.discard(spool_id)
+            raise SpoolUnavailable("spool closed") from None
+        work = self._background(self._store(envelope, raw, sha256, written))
         try:
             message = await asyncio.shield(work)
         except asyncio.CancelledError:
             def withdraw(done: asyncio.Future[SpooledMessage]) -> None:
                 if not done.cancelled():
                     done.exception()  # retrieved: its outcome no longer matters
-                self._withdraw(spool_id, "cancelled before the reply")
+                self._withdraw_after(written, spool_id, "cancelled before the reply")
             work.add_done_callback(withdraw)
             raise
         except BaseException:
@@ -134,12 +147,10 @@ class FileSpool:
         self.new_entries.set()
         return message
 
-    async def _store(self, envelope: Envelope, raw: bytes) -> SpooledMessage:
-        sha256 = sha256_of(raw)
-        data = encode_entry(envelope, raw, sha256)
+    async def _store(self, envelope: Envelope, raw: bytes, sha256: str,
+                     written: concurrent.futures.Future[None]) -> SpooledMessage:
         try:
-            await asyncio.get_running_loop().run_in_executor(self._writers, self._write,
-                                                             envelope.spool_id, data)
+            await asyncio.wrap_future(written)
         except OSError as exc:
             raise SpoolUnavailable(f"spool write failed: {exc.strerror or exc}") from None
         try:
@@ -150,6 +161,21 @@ class FileSpool:
             self._withdraw(envelope.spool_id, repr(exc))
             raise
         return SpooledMessage(envelope, raw, sha256)
+
+    def _withdraw_after(self, written: concurrent.futures.Future[None], spool_id: str,
+                        reason: str) -> None:
+        """Withdraw once the writer thread is done with the file: a thread cannot be
+        interrupted, so a store cancelled (or whose task group was) while the thread still
+        writes would otherwise be withdrawn first and renamed into queue/ after. Until then the
+        id stays unconfirmed (the indexer leaves the file alone)."""
+        loop = asyncio.get_running_loop()
+
+        def finished(_: concurrent.futures.Future[None]) -> None:  # in the writer thread, or here
+            try:
+                loop.call_soon_threadsafe(self._withdraw, spool_id, reason)
+            except RuntimeError:  # the loop is closed: nothing else runs, do it here
+                self._withdraw(spool_id, reason)
+        written.add_done_callback(finished)
 
     def _withdraw(self, spool_id: str, reason: str) -> None:
         """Take an unacknowledged file back out of ``queue/`` (best effort: if even the unlink
@@ -250,17 +276,42 @@ class FileSpool:
         return decode_entry(path.read_bytes())
 
     def remove(self, spool_ids: list[str]) -> None:
-        for spool_id in spool_ids:
-            (self.queue / spool_id).unlink(missing_ok=True)
-        if spool_ids:
-            self.fsync_dir(self.queue)
+        self.remove_files([self.queue / spool_id for spool_id in spool_ids])
+
+    def remove_files(self, paths: list[Path]) -> None:
+        """Remove indexed files. Never raises: a file that cannot be removed is moved to
+        ``corrupt/`` (its row is committed; left in queue/ it would be indexed again forever)."""
+        for path in paths:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                self.quarantine(path, f"indexed, but could not be removed: {exc!r}")
+        if paths:
+            try:
+                self.fsync_dir(self.queue)
+            except OSError as exc:  # the rows are committed: at worst a file comes back, indexed again
+                log.warning("event=spool.fsync_failed directory=%s error=%r", self.queue, exc)
 
     def quarantine(self, path: Path, reason: str) -> None:
-        """Move an unreadable file aside (never deleted: an administrator looks at it)."""
+        """Move a file aside into ``corrupt/`` (never deleted: an administrator looks at it,
+        ``balf spool list`` counts them). Never raises: if even the move fails, the log says so."""
         bad = self.root / "corrupt"
-        bad.mkdir(exist_ok=True)
-        os.rename(path, bad / path.name)
+        try:
+            bad.mkdir(exist_ok=True)
+            os.rename(path, bad / path.name)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("event=spool.quarantine_failed file=%s reason=%r error=%r", path.name, reason, exc)
+            return
         log.error("event=spool.corrupt file=%s reason=%r", path.name, reason)
+
+    def corrupt(self) -> list[Path]:
+        """Files moved aside (unreadable, or refused by the database), oldest first."""
+        try:
+            return sorted((self.root / "corrupt").iterdir())
+        except FileNotFoundError:
+            return []
 
 
 def _fsync_dir(path: Path) -> None:

@@ -108,15 +108,18 @@ def multiappend_payload(copies: Sequence[Copy]) -> tuple[str, bytes]:
     return head, b"".join(parts)
 
 
-def _chunks(copies: Sequence[Copy]) -> list[list[Copy]]:
-    out: list[list[Copy]] = []
+def _chunks(copies: Sequence[Copy], positions: Sequence[int]) -> list[list[int]]:
+    """``positions`` (indexes into ``copies``) cut into MULTIAPPENDs of at most
+    ``MULTIAPPEND_MAX_BYTES``, in order."""
+    out: list[list[int]] = []
     size = 0
-    for c in copies:
-        if not out or size + len(c.raw) > MULTIAPPEND_MAX_BYTES:
+    for i in positions:
+        n = len(copies[i].raw)
+        if not out or size + n > MULTIAPPEND_MAX_BYTES:
             out.append([])
             size = 0
-        out[-1].append(c)
-        size += len(c.raw)
+        out[-1].append(i)
+        size += n
     return out
 
 
@@ -195,10 +198,12 @@ class ImapStore:
                             continue
                     fresh.append(i)
                 multi = conn.multiappend and len(fresh) > 1
-                for chunk in (_chunks([copies[i] for i in fresh]) if multi else []):
-                    done = await self._multiappend(conn, account, chunk)
-                    for c, d in zip(chunk, done, strict=True):
-                        results[copies.index(c)] = d
+                # Positions, not values: two equal copies (one message for two services that
+                # share an account) each get their own result.
+                for chunk in (_chunks(copies, fresh) if multi else []):
+                    done = await self._multiappend(conn, account, [copies[i] for i in chunk])
+                    for i, d in zip(chunk, done, strict=True):
+                        results[i] = d
                 for i in fresh:
                     if results[i] is None:
                         try:
@@ -206,6 +211,11 @@ class ImapStore:
                         except (StoreRejected, StoreUnavailable) as exc:
                             results[i] = exc
         except StoreDown as exc:
+            return [r if r is not None else exc for r in results]
+        except GatewayError as exc:
+            # LOGIN or SELECT refused (StoreUnavailable: retried; StoreRejected: dead-lettered):
+            # a result for each copy not yet filed, not an error escaping the adapter.
+            log.warning("event=store.session_failed account=%s error=%r", account, exc.detail)
             return [r if r is not None else exc for r in results]
         return [r if r is not None else StoreDown("not filed") for r in results]
 

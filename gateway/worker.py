@@ -37,6 +37,7 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from balf.gateway import tokens
 from balf.gateway.acknowledgement import decide_acknowledgement, render_acknowledgement
@@ -48,7 +49,7 @@ from balf.gateway.errors import (
     TemporaryFailure,
 )
 from balf.gateway.ledger import Claimed, ClaimLost, Recorded, RecordRequest, SqlLedger
-from balf.gateway.model import Delivered, InboundMail, Outgoing, Routed, Target
+from balf.gateway.model import Delivered, InboundMail, Outgoing, Routed, SpooledMessage, Target
 from balf.gateway.parse import parse_mail
 from balf.gateway.services import ServiceTable, resolve_recipients
 from balf.gateway.spool import FileSpool
@@ -189,6 +190,21 @@ class MailboxOrder:
             mine[account] = (None if prev is None or prev.done() else prev, fut)
         self._tickets[spool_id] = mine
 
+    def retarget(self, spool_id: str, accounts: list[str]) -> None:
+        """After routing: take a ticket (now, at the tail) for each account of ``accounts``
+        not ticketed at claim time, and release the tickets of the accounts no longer used."""
+        loop = asyncio.get_running_loop()
+        mine = self._tickets.setdefault(spool_id, {})
+        wanted = dict.fromkeys(accounts)
+        for account in wanted:
+            if account not in mine:
+                prev = self._tails.get(account)
+                fut: asyncio.Future[None] = loop.create_future()
+                self._tails[account] = fut
+                mine[account] = (None if prev is None or prev.done() else prev, fut)
+        for account in [a for a in mine if a not in wanted]:
+            self.done(spool_id, account)
+
     async def wait_turn(self, spool_id: str, account: str) -> None:
         prev = self._tickets.get(spool_id, {}).get(account, (None, None))[0]
         if prev is not None:
@@ -255,13 +271,17 @@ async def route_step(ctx: Context, batch: Batch) -> Batch:
         return batch.replace([j.fail("route", exc) for j in batch.jobs])
     routed_jobs = {id(j): _route(ctx, j, recorded, candidates)
                    for j, (recorded, candidates) in zip(live, found, strict=True)}
-    return batch.replace([routed_jobs.get(id(j), j) for j in batch.jobs])
+    batch = batch.replace([routed_jobs.get(id(j), j) for j in batch.jobs])
+    # The tickets were taken at claim time from the addresses; a redirect (a transferred
+    # thread) may have changed the accounts: ticket those too, release those left unused.
+    ctx.order.retarget(batch.key, [r.service.imap_account for j in batch.live() for r in j.routed])
+    return batch
 
 
 def _route(ctx: Context, job: Job, recorded: set[int], found: list) -> Job:  # type: ignore[type-arg]
     assert job.mail is not None
     pending = [t for t in job.targets if t.service.id not in recorded]  # others: done earlier
-    routed = []
+    routed: list[Routed] = []
     for target, candidates in zip(pending, found, strict=True):
         service = target.service
         if candidates.by_token is not None and candidates.by_token.service_id != service.id:
@@ -270,6 +290,8 @@ def _route(ctx: Context, job: Job, recorded: set[int], found: list) -> Job:  # t
             moved = next((s for s in (table.by_address.values() if table else ())
                           if s.id == candidates.by_token.service_id), None)
             service = moved or service
+        if service.id in recorded or any(r.service.id == service.id for r in routed):
+            continue  # redirected onto a service this message already goes to: one copy
         routed.append(Routed(job.mail, service, match_thread(job.mail, service, candidates)))
     return dataclasses.replace(job, routed=tuple(routed))
 
@@ -330,7 +352,11 @@ async def deliver_step(ctx: Context, batch: Batch) -> Batch:
 
 async def record_step(ctx: Context, batch: Batch) -> Batch:
     """Every delivered copy of the batch in one transaction; an entry with no failure is
-    marked done in it. Copies delivered by an entry that failed elsewhere are recorded too."""
+    marked done in it. Copies delivered by an entry that failed elsewhere are recorded too.
+
+    If that transaction fails as a whole, the copies are replayed one per transaction, none
+    of them finishing its entry: an entry is marked done afterwards only when every one of
+    its copies was recorded (one copy's DONE must never hide a sibling that was not)."""
     now = ctx.clock()
     requests: list[RecordRequest] = []
     owners: list[int] = []
@@ -341,7 +367,7 @@ async def record_step(ctx: Context, batch: Batch) -> Batch:
             requests.append(RecordRequest(routed, copy, now, _acknowledgement_maker(ctx, routed, now), finish,
                                           job.claimed.attempts))
             owners.append(n)
-    outcomes = await _record_all(ctx.ledger, requests)
+    outcomes, finished = await _record_all(ctx.ledger, requests)
     jobs = list(batch.jobs)
     for n, request, outcome in zip(owners, requests, outcomes, strict=True):
         if isinstance(outcome, Exception):
@@ -350,7 +376,8 @@ async def record_step(ctx: Context, batch: Batch) -> Batch:
             _log(jobs[n], "recorded", service=request.routed.service.code, thread=outcome.reference,
                  rule=request.routed.decision.rule.value, opened=outcome.opened)
     for n, job in enumerate(jobs):
-        if job.failure is None and not job.delivered:  # every copy was recorded before
+        # Not finished in the record transaction: every copy recorded before, or replayed.
+        if job.failure is None and (not job.delivered or not finished):
             try:
                 if not await ctx.ledger.mark_done(job.spool_id, now, attempts=job.claimed.attempts):
                     jobs[n] = job.fail("record", ClaimLost("no longer claimed by this worker"))
@@ -359,25 +386,34 @@ async def record_step(ctx: Context, batch: Batch) -> Batch:
     return batch.replace(jobs)
 
 
-async def _record_all(ledger: SqlLedger,
-                      requests: list[RecordRequest]) -> list[Recorded | None | Exception]:
+async def _record_all(ledger: SqlLedger, requests: list[RecordRequest]
+                      ) -> tuple[list[Recorded | None | Exception], bool]:
     """One transaction for all; if it fails as a whole (say a concurrent instance recorded one
-    of the copies), each is replayed alone so each entry gets its own outcome."""
+    of the copies), each is replayed alone, without finishing any entry, so each copy gets its
+    own outcome. Returns the outcomes and whether the entries asked to be finished were (the
+    one transaction committed). A database that cannot be reached fails the whole batch at
+    once: replaying every copy against it would only wait N times."""
     if not requests:
-        return []
+        return [], True
     try:
-        return list(await ledger.record_many(requests))
+        return list(await ledger.record_many(requests)), True
+    except DatabaseUnavailable as exc:
+        log.warning("event=worker.record_batch_failed count=%d error=%r", len(requests), exc.detail)
+        return [exc] * len(requests), False
     except Exception as exc:  # noqa: BLE001 - replayed one by one below
         log.warning("event=worker.record_batch_failed count=%d error=%r", len(requests), exc,
                     exc_info=not isinstance(exc, GatewayError))
     outcomes: list[Recorded | None | Exception] = []
     for r in requests:
+        if outcomes and isinstance(outcomes[-1], DatabaseUnavailable):
+            outcomes.append(outcomes[-1])  # the database went away meanwhile: no more waits
+            continue
         try:
-            outcomes.append(await ledger.record(r.routed, r.delivered, r.now, r.outgoing, r.finish,
+            outcomes.append(await ledger.record(r.routed, r.delivered, r.now, r.outgoing, False,
                                                 r.attempts))
         except Exception as exc:  # noqa: BLE001 - that entry retries (or is a bug, logged there)
             outcomes.append(exc)
-    return outcomes
+    return outcomes, False
 
 
 STEPS: tuple[tuple[str, Callable[[Context, Batch], Awaitable[Batch]]], ...] = (
@@ -632,7 +668,12 @@ async def _wait(stop: asyncio.Event, timeout: float, wake: asyncio.Event | None 
 # --- spool files -> database rows ----------------------------------------------------------
 
 async def index_spool(spool: FileSpool, ledger: SqlLedger, *, batch: int = 256) -> int:
-    """Index every spool file in the database and remove the files; returns how many."""
+    """Index every spool file in the database and remove the files; returns how many.
+
+    Only :class:`DatabaseUnavailable` is raised (the files stay and are indexed later). A file
+    that cannot be read, or whose row the database refuses (DataError, IntegrityError...), is
+    moved to ``corrupt/`` with the reason logged, and indexing goes on: one bad file must not
+    stop the indexer (nor, at every restart, the daemon)."""
     done = 0
     while True:
         paths = []
@@ -642,21 +683,46 @@ async def index_spool(spool: FileSpool, ledger: SqlLedger, *, batch: int = 256) 
                 break
         if not paths:
             return done
-        messages = []
+        found: list[tuple[Path, SpooledMessage]] = []
         for path in paths:
             try:
-                messages.append(spool.read(path))
+                found.append((path, await asyncio.to_thread(spool.read, path)))
             except FileNotFoundError:
                 continue
             except PermanentFailure as exc:
-                spool.quarantine(path, exc.detail)
-        await ledger.index(messages)
-        await asyncio.to_thread(spool.remove, [m.envelope.spool_id for m in messages])
-        for m in messages:
+                await asyncio.to_thread(spool.quarantine, path, exc.detail)
+            except OSError as exc:
+                await asyncio.to_thread(spool.quarantine, path, f"unreadable: {exc!r}")
+        try:
+            await ledger.index([m for _, m in found])
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a row refused: find which, one by one
+            log.warning("event=spool.index_batch_refused count=%d error=%r", len(found), exc)
+            found = await _index_one_by_one(spool, ledger, found)
+        await asyncio.to_thread(spool.remove_files, [p for p, _ in found])
+        for _, m in found:
             log.debug("event=spool.indexed spool_id=%s", m.envelope.spool_id)
-        done += len(messages)
+        done += len(found)
         if len(paths) < batch:
             return done
+
+
+async def _index_one_by_one(spool: FileSpool, ledger: SqlLedger,
+                            found: list[tuple[Path, SpooledMessage]]) -> list[tuple[Path, SpooledMessage]]:
+    """Index each file alone; those the database refuses go to ``corrupt/``. Returns the
+    indexed ones."""
+    kept = []
+    for path, message in found:
+        try:
+            await ledger.index([message])
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - this row can never be indexed as it is
+            await asyncio.to_thread(spool.quarantine, path, f"database refused the row: {exc!r}"[:1000])
+            continue
+        kept.append((path, message))
+    return kept
 
 
 async def index_loop(spool: FileSpool, ledger: SqlLedger, stop: asyncio.Event,
