@@ -335,8 +335,17 @@ class MailboxRun:
             elif row.target_uidvalidity is None:
                 await store.set_target_uidvalidity(sessions, row.id, validity)
             permanent = selected["permanentflags"]
+            before: list[tuple[int, str, int]] | None = None
+            if not await store.evidence_settled(sessions, job.id, name):
+                # Before balf's first APPEND to this target folder (whichever source folder
+                # feeds it): what it holds now was there before the bascule.
+                before = await asyncio.to_thread(primary.keys_after, name, 0, local_part_only=local)
+                await store.take_evidence(sessions, job.id, name, before)
             after = await store.max_target_uid(sessions, row.id)
-            present = await asyncio.to_thread(primary.keys_after, name, after, local_part_only=local)
+            if before is not None and after == 0:
+                present = before
+            else:
+                present = await asyncio.to_thread(primary.keys_after, name, after, local_part_only=local)
             await store.record_present(sessions, row.id, present)
         else:
             permanent = ("\\*",)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 from balf.bridge.campaign import parse_options
 from balf.bridge.errors import BridgeError
-from balf.bridge.store import PRESENT_BEFORE
+from balf.bridge.store import EVIDENCE_REFUSED, EVIDENCE_TAKEN, PRESENT_BEFORE
 from balf.db.models import BasculeFolder, BasculeIssue, BasculeJob
 
 ISSUE_LABELS = {
@@ -37,6 +37,7 @@ ISSUE_LABELS = {
     "uidvalidity_cible": "dossier cible recréé",
     "uidvalidity": "dossier source renuméroté",
     "verification": "vérification impossible",
+    EVIDENCE_REFUSED: "aucun relevé de la cible avant copie: tout écart y compte",
 }
 
 
@@ -134,11 +135,18 @@ def snapshot(job: BasculeJob, folders: Sequence[BasculeFolder], issues: Sequence
         issues=tuple(
             IssueLine(i.folder, i.item, i.kind, ISSUE_LABELS.get(i.kind, i.kind), i.detail)
             for i in issues
-            if i.kind != PRESENT_BEFORE
+            if i.kind not in (PRESENT_BEFORE, EVIDENCE_TAKEN)
         ),
         message_ids=message_id_mode(job),
-        found_in_target=sum(1 for i in issues if i.kind == PRESENT_BEFORE),
+        found_in_target=_found_before(issues),
     )
+
+
+def _found_before(issues: Sequence[BasculeIssue]) -> int:
+    """Messages kept as evidence of being in the target before the bascule, in the folders where
+    that evidence was taken once before any copy (the ones verification trusts)."""
+    taken = {i.folder for i in issues if i.kind == EVIDENCE_TAKEN}
+    return sum(1 for i in issues if i.kind == PRESENT_BEFORE and i.folder in taken)
 
 
 def _redact(uri: str) -> str:

@@ -24,6 +24,9 @@ from balf.db.models import BasculeFolder, BasculeIssue, BasculeItem, BasculeJob,
 Sessions = async_sessionmaker[Any]
 IN_CHUNK = 500  # bound the size of IN (...) lists
 PRESENT_BEFORE = "present_avant"  # issue kind: evidence that a message was in the target before the bascule
+EVIDENCE_TAKEN = "releve_cible"  # marker: the target folder's PRESENT_BEFORE evidence was taken, once
+EVIDENCE_REFUSED = "releve_cible_refuse"  # marker: balf had copied there without evidence; none taken
+EVIDENCE_MARKERS = (EVIDENCE_TAKEN, EVIDENCE_REFUSED)
 
 
 def utcnow() -> dt.datetime:
@@ -235,43 +238,96 @@ async def set_target_uidvalidity(sessions: Sessions, folder_id: int, uidvalidity
 
 async def record_present(sessions: Sessions, folder_id: int, present: Sequence[tuple[int, str, int]]) -> int:
     """Record keys found in the target folder and not yet known (after a crash between APPEND
-    and commit, or mail already there); returns how many were new.
-
-    On the folder's first look (nothing recorded, no checkpoint: the bascule has not copied into
-    it yet), every message found is also kept as ``PRESENT_BEFORE`` evidence, one record per
-    copy: verification explains by it a target message that the source lacks.
-    """
+    and commit, mail already there, or copies of another source folder mapped to the same
+    target); returns how many were new. What makes a rerun copy nothing: never evidence of what
+    was there before the bascule (``take_evidence`` keeps that, once)."""
     known = await known_keys(sessions, folder_id, (k for _u, k, _s in present))
     fresh: dict[str, tuple[int, int]] = {}
     for uid, key, size in present:
         if key not in known and key not in fresh:
             fresh[key] = (uid, size)
-    async with sessions() as session, session.begin():
-        row = await session.get(BasculeFolder, folder_id)
-        first_look = (
-            row is not None
-            and row.checkpoint is None
-            and not await session.scalar(select(func.count()).where(BasculeItem.folder_id == folder_id))
-        )
-        if fresh:
+    if fresh:
+        async with sessions() as session, session.begin():
             session.add_all(
                 BasculeItem(folder_id=folder_id, dedup_key=k, target_uid=u, size=s) for k, (u, s) in fresh.items()
             )
-        if first_look and row is not None:
-            await session.execute(
-                delete(BasculeIssue).where(
-                    BasculeIssue.job_id == row.job_id,
-                    BasculeIssue.kind == PRESENT_BEFORE,
-                    BasculeIssue.folder == row.target_name,
-                )
-            )
-            session.add_all(
-                BasculeIssue(
-                    job_id=row.job_id, folder=row.target_name, item=k[:1000], kind=PRESENT_BEFORE, detail=f"UID {u}"
-                )
-                for u, k, _s in present
-            )
     return len(fresh)
+
+
+async def evidence_settled(sessions: Sessions, job_id: int, target_name: str) -> bool:
+    """True when the job's evidence for this target folder was already taken (or refused)."""
+    async with sessions() as session:
+        return await _evidence_marker(session, job_id, target_name) is not None
+
+
+async def _evidence_marker(session: Any, job_id: int, target_name: str) -> str | None:
+    return await session.scalar(
+        select(BasculeIssue.kind)
+        .where(
+            BasculeIssue.job_id == job_id,
+            BasculeIssue.folder == target_name,
+            BasculeIssue.kind.in_(EVIDENCE_MARKERS),
+        )
+        .limit(1)
+    )
+
+
+async def take_evidence(
+    sessions: Sessions, job_id: int, target_name: str, present: Sequence[tuple[int, str, int]]
+) -> bool:
+    """Keep, once per (job, target folder), what the target folder held before balf appended
+    anything to it: one ``PRESENT_BEFORE`` record per copy found, and the ``EVIDENCE_TAKEN``
+    marker, in one transaction (a crash before the commit means "not yet taken"; after it, the
+    evidence is never taken again, deleted or rewritten: not by a retry, not after the target
+    folder is recreated, not for a second source folder mapped to the same target).
+
+    ``present`` must be read from the target before balf's first APPEND to that folder. When
+    balf's records show it has already copied into that folder without evidence (a job started
+    before evidence was kept this way), no evidence is taken: the ``EVIDENCE_REFUSED`` marker
+    says so in the report and any extra message in that folder fails verification.
+    Returns True when evidence was taken now.
+    """
+    async with sessions() as session, session.begin():
+        if await _evidence_marker(session, job_id, target_name) is not None:
+            return False
+        same_target = and_(BasculeFolder.job_id == job_id, BasculeFolder.target_name == target_name)
+        progressed = await session.scalar(
+            select(func.count()).where(
+                same_target, or_(BasculeFolder.checkpoint.is_not(None), BasculeFolder.copied > 0)
+            )
+        )
+        recorded = await session.scalar(
+            select(func.count()).where(BasculeItem.folder_id.in_(select(BasculeFolder.id).where(same_target)))
+        )
+        if progressed or recorded:
+            session.add(
+                BasculeIssue(
+                    job_id=job_id,
+                    folder=target_name,
+                    item="",
+                    kind=EVIDENCE_REFUSED,
+                    detail=(
+                        "balf avait déjà copié dans ce dossier cible sans relever ce qu'il contenait avant: "
+                        "aucun message n'y est tenu pour présent avant la bascule, tout message en plus "
+                        "ou en double y sera un écart"
+                    ),
+                )
+            )
+            return False
+        session.add(
+            BasculeIssue(
+                job_id=job_id,
+                folder=target_name,
+                item="",
+                kind=EVIDENCE_TAKEN,
+                detail=f"{len(present)} message(s) dans le dossier cible avant toute copie",
+            )
+        )
+        session.add_all(
+            BasculeIssue(job_id=job_id, folder=target_name, item=k[:1000], kind=PRESENT_BEFORE, detail=f"UID {u}")
+            for u, k, _s in present
+        )
+        return True
 
 
 async def record_batch(

@@ -8,9 +8,12 @@ difference is *explained* when the bascule's own records say why:
 - missing: the report already lists the message (too big, damaged, deleted in the source,
   refused by the target: ``EXPLAINING_KINDS``);
 - only in the target, or more copies than the source has: the message was already in the target
-  folder when the bascule first looked at it, before copying anything (``store.record_present``
-  keeps that evidence as ``present_avant`` records, one per message found); mail that reaches the
-  target afterwards, or a message put there by hand, is not explained;
+  folder when the bascule first looked at it, before copying anything into it from any source
+  folder (``store.take_evidence`` keeps that evidence once per job and target folder, as
+  ``present_avant`` records, one per copy found, with a ``releve_cible`` marker); mail that
+  reaches the target afterwards, balf's own copies, or a message put there by hand, is not
+  explained; a folder balf had copied into before evidence was kept (``releve_cible_refuse``)
+  has none, so every extra there is a difference;
 - several source messages with the same Message-ID: copied once, by design.
 
 A mailbox is "vérifiée" only when every difference is explained.
@@ -31,7 +34,7 @@ from balf.bridge.keys import dedup_key
 from balf.bridge.migrate import TargetAccess
 from balf.bridge.model import Difference, FolderPlan, FolderVerdict, SourceDamage
 from balf.bridge.sources import MailSource, open_source
-from balf.bridge.store import PRESENT_BEFORE, IssueRecord, Sessions
+from balf.bridge.store import EVIDENCE_TAKEN, PRESENT_BEFORE, IssueRecord, Sessions
 from balf.db.models import BasculeState
 
 # What verify writes (and replaces on each verification); the first three block "vérifiée".
@@ -164,9 +167,11 @@ async def verify_job(sessions: Sessions, job_id: int, access: TargetAccess) -> t
         )
         issues = await store.issues_of(sessions, job.id)
         explanations = {i.item: f"{i.kind}: {i.detail}" for i in issues if i.kind in EXPLAINING_KINDS}
+        # Evidence counts only where it was taken once, before balf's first APPEND (the marker).
+        taken = {i.folder for i in issues if i.kind == EVIDENCE_TAKEN}
         found_before: dict[str, Counter[str]] = defaultdict(Counter)
         for i in issues:
-            if i.kind == PRESENT_BEFORE:
+            if i.kind == PRESENT_BEFORE and i.folder in taken:
                 found_before[i.folder][i.item] += 1
         rows = {r.source_name: r for r in await store.folders_of(sessions, job.id)}
         by_target: dict[str, list[FolderPlan]] = {}
