@@ -683,16 +683,9 @@ async def index_spool(spool: FileSpool, ledger: SqlLedger, *, batch: int = 256) 
                 break
         if not paths:
             return done
-        found: list[tuple[Path, SpooledMessage]] = []
-        for path in paths:
-            try:
-                found.append((path, await asyncio.to_thread(spool.read, path)))
-            except FileNotFoundError:
-                continue
-            except PermanentFailure as exc:
-                await asyncio.to_thread(spool.quarantine, path, exc.detail)
-            except OSError as exc:
-                await asyncio.to_thread(spool.quarantine, path, f"unreadable: {exc!r}")
+        # One thread hop for the whole batch: a hop per file costs the listener's loop more
+        # than the reads themselves.
+        found = await asyncio.to_thread(_read_files, spool, paths)
         try:
             await ledger.index([m for _, m in found])
         except DatabaseUnavailable:
@@ -706,6 +699,22 @@ async def index_spool(spool: FileSpool, ledger: SqlLedger, *, batch: int = 256) 
         done += len(found)
         if len(paths) < batch:
             return done
+
+
+def _read_files(spool: FileSpool, paths: list[Path]) -> list[tuple[Path, SpooledMessage]]:
+    """Read spool files (in a worker thread); unreadable ones go to ``corrupt/``, vanished ones
+    (indexed meanwhile by another pass) are skipped."""
+    found: list[tuple[Path, SpooledMessage]] = []
+    for path in paths:
+        try:
+            found.append((path, spool.read(path)))
+        except FileNotFoundError:
+            continue
+        except PermanentFailure as exc:
+            spool.quarantine(path, exc.detail)
+        except OSError as exc:
+            spool.quarantine(path, f"unreadable: {exc!r}")
+    return found
 
 
 async def _index_one_by_one(spool: FileSpool, ledger: SqlLedger,
