@@ -14,7 +14,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from imapclient import IMAPClient
@@ -29,6 +29,7 @@ from balf.bridge.errors import (
     TemporaryFailure,
 )
 from balf.bridge.keys import dedup_key, key_from_message_id_header
+from balf.bridge.login import Login
 from balf.bridge.model import Quota, Role, SourceDamage, SourceFolder, SourceItem, SourceMessage
 
 T = TypeVar("T")
@@ -47,16 +48,6 @@ _ROLE_FLAGS = {
     b"\\archive": Role.ARCHIVE,
 }
 _NOT_STORABLE = {"\\recent"}
-
-
-@dataclass(frozen=True)
-class Login:
-    host: str
-    port: int
-    username: str
-    password: str = field(repr=False)  # never in a traceback or a log line
-    tls: str = "none"  # none | starttls | ssl
-    timeout: float = 60.0
 
 
 def connect(login: Login, *, for_source: bool) -> IMAPClient:

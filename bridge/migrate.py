@@ -34,10 +34,13 @@ from balf.bridge.errors import (
     TemporaryFailure,
 )
 from balf.bridge.folders import parents, plan_folders
-from balf.bridge.imap import ImapTarget, Login, TargetInfo
+from balf.bridge.imap import ImapTarget, TargetInfo
 from balf.bridge.keys import dedup_key
+from balf.bridge.login import TargetAccess
 from balf.bridge.model import FolderPlan, MailboxOptions, SourceDamage, SourceItem, SourceMessage
-from balf.bridge.sources import MailSource, open_source
+from balf.bridge.outcome import FolderOutcome, JobOutcome
+from balf.bridge.snapshot import digest, plan_fingerprint, server_state
+from balf.bridge.sources import MailSource, imap_login, is_imap, open_source
 from balf.bridge.store import IssueRecord, Sessions
 from balf.db.models import BasculeFolder, BasculeJob, BasculeState
 
@@ -45,26 +48,6 @@ log = logging.getLogger(__name__)
 
 TARGET_RECONNECT_DELAYS = (1.0, 3.0, 6.0)  # seconds before new target connections after a drop
 KEPT_FLAGS = frozenset({"\\seen", "\\answered", "\\flagged", "\\draft"})
-
-
-@dataclass(frozen=True)
-class TargetAccess:
-    """How to log in to target accounts: as ``<account>*<master_user>`` with the master password
-    (Dovecot master user), or as the account itself when no master user is configured."""
-
-    host: str
-    port: int
-    tls: str
-    master_user: str
-    master_password: str = field(repr=False)  # never in a traceback or a log line
-    timeout: float = 60.0
-    account_passwords: dict[str, str] = field(default_factory=dict, repr=False)
-
-    def login(self, account: str) -> Login:
-        if account in self.account_passwords:
-            return Login(self.host, self.port, account, self.account_passwords[account], self.tls, self.timeout)
-        user = f"{account}*{self.master_user}" if self.master_user else account
-        return Login(self.host, self.port, user, self.master_password, self.tls, self.timeout)
 
 
 @dataclass(frozen=True)
@@ -76,45 +59,6 @@ class RunSettings:
     dry_run: bool = False
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     lease: dt.timedelta = dt.timedelta(minutes=10)
-
-
-@dataclass(frozen=True)
-class FolderOutcome:
-    source: str
-    target: str
-    seen: int = 0
-    copied: int = 0
-    skipped: int = 0
-    failed: int = 0
-    bytes: int = 0
-    created: bool = False
-
-
-@dataclass(frozen=True)
-class JobOutcome:
-    department: str
-    mailbox: str
-    state: BasculeState
-    folders: tuple[FolderOutcome, ...]
-    seconds: float
-    message: str = ""
-    exit_code: int = 0
-
-    @property
-    def copied(self) -> int:
-        return sum(f.copied for f in self.folders)
-
-    @property
-    def skipped(self) -> int:
-        return sum(f.skipped for f in self.folders)
-
-    @property
-    def failed(self) -> int:
-        return sum(f.failed for f in self.folders)
-
-    @property
-    def bytes(self) -> int:
-        return sum(f.bytes for f in self.folders)
 
 
 class Progress(Protocol):
@@ -136,6 +80,14 @@ class NoProgress:
 
     def finish(self, outcome: JobOutcome) -> None:
         pass
+
+
+def ended_state(before: BasculeState, folders: Sequence[FolderOutcome], remarks: Sequence[object]) -> BasculeState:
+    """A verified mailbox stays verified through a rerun that copied and reported nothing: what
+    the verification compared is unchanged. Otherwise the run leaves it migrated (pure)."""
+    if before is BasculeState.VERIFIEE and not remarks and not any(f.copied or f.failed for f in folders):
+        return BasculeState.VERIFIEE
+    return BasculeState.MIGREE
 
 
 def holder_is_dead(holder: str, me: str) -> bool:
@@ -239,6 +191,41 @@ class MailboxRun:
         self.info: TargetInfo | None = None
         self.folder_outcome: FolderOutcome | None = None  # the folder being copied, so far
         self.recorded_folders: dict[str, BasculeFolder] = {}  # by source name, as the run started
+
+    async def source_state(self) -> bytes | None:
+        """The source's part of the rerun digest (IMAP sources only; not for dry runs)."""
+        if self.settings.dry_run or not is_imap(self.job.source):
+            return None
+        login = imap_login(self.job.source, self.options, timeout=self.access.timeout)
+        return await asyncio.to_thread(server_state, login, source=True)
+
+    async def rerun_digest(self, source_before: bytes | None, plans: Sequence[FolderPlan]) -> str | None:
+        """The digest a rerun compares against (``balf.bridge.snapshot``), taken of the target now
+        that this run has nothing left to copy. None when either side could not be read, or when
+        a full rerun over unchanged servers would not skip every folder by ``unchanged``: the
+        quick answer must never differ from the full one."""
+        if source_before is None:
+            return None
+        rows = {f.source_name: f for f in await store.folders_of(self.sessions, self.job.id)}
+        check = getattr(self.source, "unchanged_since", None)
+        for plan in plans:
+            row = rows.get(plan.source.display)
+            if plan.skip:
+                continue
+            if (
+                check is None
+                or row is None
+                or row.target_uidvalidity is None
+                or row.target_name != plan.target
+                or not check(plan.source, row.checkpoint)
+            ):
+                return None
+        target = await asyncio.to_thread(server_state, self.access.login(self.job.target_account), source=False)
+        if target is None:
+            return None
+        return digest(
+            plan_fingerprint(self.job.source, self.job.target_account, self.job.options), source_before, target
+        )
 
     async def open(self) -> list[FolderPlan]:
         source = await asyncio.to_thread(open_source, self.job.source, self.options, timeout=self.access.timeout)
@@ -562,6 +549,7 @@ async def run_job(
     folders: list[FolderOutcome] = []
     current: FolderPlan | None = None
     try:
+        source_before = await run.source_state()  # before the source is read: see bridge.snapshot
         plans = await run.open()
         await run.check_quota(plans)
         active = [p for p in plans if not p.skip]
@@ -576,6 +564,7 @@ async def run_job(
                 job.id,
                 state=BasculeState.EN_COURS,
                 last_error=None,
+                rerun_digest=None,  # until this run ends with nothing left to copy
                 started_at=job.started_at or store.utcnow(),
                 bytes_total=sum(p.source.estimated_bytes or 0 for p in active),
             )
@@ -587,22 +576,25 @@ async def run_job(
             folders.append(await run.copy_folder_again_on_drop(plan))
         current = None
         remarks = list(getattr(run.source, "remarks", []))
+        final = job.state
         if not settings.dry_run:
             total = sum(f.seen for f in folders)
             await store.add_issues(sessions, job.id, [IssueRecord("", "", kind, detail) for kind, detail in remarks])
             fresh = await store.load_job(sessions, job.id)
+            final = ended_state(job.state, folders, remarks)
             await store.set_job(
                 sessions,
                 job.id,
-                state=BasculeState.MIGREE,
+                state=final,
                 finished_at=store.utcnow(),
                 messages_total=max(fresh.messages_total, fresh.messages_copied, total),
+                rerun_digest=await run.rerun_digest(source_before, plans),
             )
             await store.release_job(sessions, job.id, settings.worker)
         outcome = JobOutcome(
             job.department,
             job.mailbox,
-            BasculeState.MIGREE if not settings.dry_run else job.state,
+            final,
             tuple(folders),
             time.monotonic() - started,
         )

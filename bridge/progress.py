@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from balf.bridge.migrate import JobOutcome
+from balf.bridge.outcome import JobOutcome
 
 
 @dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from balf.bridge.errors import PlanError
+from balf.bridge.login import Login
 from balf.bridge.model import MailboxOptions, SourceFolder, SourceItem
 
 SCHEMES = ("imap", "imaps", "mbox", "maildir", "eml", "dxl")
@@ -72,6 +73,25 @@ def _path(uri: str) -> Path:
     return Path(urllib.parse.unquote(rest))
 
 
+def is_imap(uri: str) -> bool:
+    return uri.split(":", 1)[0].lower() in ("imap", "imaps")
+
+
+def imap_login(uri: str, options: MailboxOptions, *, timeout: float = 60.0) -> Login:
+    """The login of an ``imap://`` or ``imaps://`` source (its password from the plan's options)."""
+    scheme = validate_uri(uri)
+    parsed = urllib.parse.urlsplit(uri)
+    tls = "ssl" if scheme == "imaps" else options.tls
+    return Login(
+        host=parsed.hostname or "",
+        port=parsed.port or (993 if tls == "ssl" else 143),
+        username=urllib.parse.unquote(parsed.username or ""),
+        password=urllib.parse.unquote(parsed.password) if parsed.password else source_password(options),
+        tls=tls,
+        timeout=timeout,
+    )
+
+
 def open_source(uri: str, options: MailboxOptions, *, timeout: float = 60.0) -> MailSource:
     """The adapter for ``uri`` (``imap://user@host:port``, ``imaps://``, ``mbox:/path``,
     ``maildir:/path``, ``eml:/path``, ``dxl:/path/export.xml``)."""
@@ -79,19 +99,9 @@ def open_source(uri: str, options: MailboxOptions, *, timeout: float = 60.0) -> 
     # (nor a DXL run imapclient), which shortens every short run of the CLI.
     scheme = validate_uri(uri)
     if scheme in ("imap", "imaps"):
-        from balf.bridge.imap import ImapSource, Login
+        from balf.bridge.imap import ImapSource
 
-        parsed = urllib.parse.urlsplit(uri)
-        tls = "ssl" if scheme == "imaps" else options.tls
-        login = Login(
-            host=parsed.hostname or "",
-            port=parsed.port or (993 if tls == "ssl" else 143),
-            username=urllib.parse.unquote(parsed.username or ""),
-            password=urllib.parse.unquote(parsed.password) if parsed.password else source_password(options),
-            tls=tls,
-            timeout=timeout,
-        )
-        return ImapSource(login)
+        return ImapSource(imap_login(uri, options, timeout=timeout))
     from balf.bridge.dxl import DxlSource, read_membership, read_names
     from balf.bridge.files import EmlTreeSource, MaildirSource, MboxSource
 

@@ -421,7 +421,8 @@ async def set_folder_source_count(sessions: Sessions, folder_id: int, count: int
 
 async def forget_keys(sessions: Sessions, folder_ids: Sequence[int], keys: Sequence[str]) -> None:
     """Verification found these keys missing from the target: forget them and rewind the folders'
-    checkpoints so the next run reads the source again and copies exactly them."""
+    checkpoints (and forget the jobs' rerun digest) so the next run reads the source again and
+    copies exactly them."""
     if not keys or not folder_ids:
         return
     async with sessions() as session, session.begin():
@@ -432,3 +433,6 @@ async def forget_keys(sessions: Sessions, folder_ids: Sequence[int], keys: Seque
                 )
             )
         await session.execute(update(BasculeFolder).where(BasculeFolder.id.in_(folder_ids)).values(checkpoint=None))
+        # A rewound checkpoint is work for the next run: its recorded "nothing changed" no longer holds.
+        jobs = select(BasculeFolder.job_id).where(BasculeFolder.id.in_(folder_ids))
+        await session.execute(update(BasculeJob).where(BasculeJob.id.in_(jobs)).values(rerun_digest=None))

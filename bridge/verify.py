@@ -31,7 +31,7 @@ from balf.bridge.errors import BridgeError
 from balf.bridge.folders import plan_folders
 from balf.bridge.imap import ImapSource, ImapTarget
 from balf.bridge.keys import dedup_key
-from balf.bridge.migrate import TargetAccess
+from balf.bridge.login import TargetAccess
 from balf.bridge.model import Difference, FolderPlan, FolderVerdict, SourceDamage
 from balf.bridge.sources import MailSource, open_source
 from balf.bridge.store import EVIDENCE_TAKEN, PRESENT_BEFORE, IssueRecord, Sessions

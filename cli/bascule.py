@@ -7,23 +7,25 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from balf.bridge import report as reports
-from balf.bridge import store
 from balf.bridge.campaign import check_department, parse_campaign
-from balf.bridge.domino import ModeNote, settle_modes
 from balf.bridge.errors import BridgeError
-from balf.bridge.migrate import JobOutcome, RunSettings, TargetAccess, run_department
-from balf.bridge.progress import TerminalProgress
-from balf.bridge.verify import verify_job
+from balf.bridge.login import TargetAccess
 from balf.cli.context import fail, run_async, state
 from balf.config.schema import Config
-from balf.db.engine import create_engine, session_factory
-from balf.db.migrate import at_head, current, upgrade
-from balf.db.models import BasculeState
+from balf.db.states import BasculeState
+
+# The database layer, the copy and the reports are imported inside the commands: SQLAlchemy and
+# the models cost about a second at every start, and `run` first asks balf.bridge.quickrun,
+# which answers a rerun over unchanged mailboxes without them.
+if TYPE_CHECKING:
+    from balf.bridge import report as reports
+    from balf.bridge import store
+    from balf.bridge.domino import ModeNote
+    from balf.bridge.outcome import JobOutcome
 
 STATE_ORDER = [
     BasculeState.PLANIFIEE,
@@ -49,6 +51,9 @@ def _department(value: str | None) -> str | None:
 
 
 async def _with_db(config: Config, fn: Any, *args: Any) -> Any:
+    from balf.db.engine import create_engine, session_factory
+    from balf.db.migrate import at_head, current, upgrade
+
     engine = create_engine(config.database_url, pool_size=config.database.pool_size)
     try:
         if config.database.auto_upgrade and not await at_head(engine):
@@ -92,6 +97,8 @@ def plan_command(ctx: click.Context, department: str, campaign_file: str) -> Non
         fail(f"{campaign_file}: not UTF-8 text (save the CSV as UTF-8)", 2)
     except BridgeError as exc:
         fail(f"{campaign_file}: {exc}", 2)
+    from balf.bridge import store
+
     created, updated, kept = run_async(_with_db, config, store.plan_department, dept, planned)
     click.echo(f"département {dept}: {len(planned)} boîtes au plan, {created} ajoutées, {updated} mises à jour")
     for name in kept:
@@ -120,6 +127,21 @@ def run_command(
     """Copy the department's mailboxes (resuming where a previous run stopped)."""
     config = state(ctx).config()
     dept = _department(department) or ""
+    if not dry_run:
+        from balf.bridge.quickrun import quick_rerun
+
+        width = parallel or config.bascule.mailboxes_in_parallel
+        quick = quick_rerun(config.database_url, dept, mailboxes, again, _access(config), width)
+        if quick is not None:  # nothing changed anywhere since the last run: nothing to copy
+            for mailbox, mode in quick.notes:
+                click.echo(f"{mailbox}: doublons reconnus par {mode}")
+            _print_outcomes(list(quick.outcomes), dry_run)
+            return
+    from balf.bridge import store
+    from balf.bridge.domino import settle_modes
+    from balf.bridge.migrate import RunSettings, run_department
+    from balf.bridge.progress import TerminalProgress
+
     settings = RunSettings(
         connections=connections or config.bascule.connections_per_mailbox,
         batch_messages=config.bascule.batch_messages,
@@ -223,6 +245,8 @@ def _print_outcomes(outcomes: list[JobOutcome], dry_run: bool) -> None:
 @click.pass_context
 def status_command(ctx: click.Context, department: str | None, as_json: bool) -> None:
     """Where the campaign stands: state, counts, sizes and durations per mailbox."""
+    from balf.bridge import store
+
     config = state(ctx).config()
     jobs = run_async(_with_db, config, store.list_jobs, _department(department))
     if as_json:
@@ -259,6 +283,8 @@ def _duration(seconds: float | None) -> str:
 
 
 def _job_dict(job: Any) -> dict[str, Any]:
+    from balf.bridge import report as reports
+
     seconds = None
     if job.started_at and job.finished_at:
         seconds = (job.finished_at - job.started_at).total_seconds()
@@ -282,6 +308,9 @@ def _job_dict(job: Any) -> dict[str, Any]:
 
 
 async def _snapshots(sessions: store.Sessions, dept: str, mailboxes: tuple[str, ...]) -> list[reports.JobReport]:
+    from balf.bridge import report as reports
+    from balf.bridge import store
+
     result = []
     for job in await store.list_jobs(sessions, dept):
         if mailboxes and job.mailbox not in mailboxes:
@@ -293,6 +322,8 @@ async def _snapshots(sessions: store.Sessions, dept: str, mailboxes: tuple[str, 
 
 
 def _write_reports(snaps: list[reports.JobReport], directory: Path, stem: str) -> list[Path]:
+    from balf.bridge import report as reports
+
     try:
         directory.mkdir(parents=True, exist_ok=True)
         paths = [
@@ -319,6 +350,10 @@ def _write_reports(snaps: list[reports.JobReport], directory: Path, stem: str) -
 @click.pass_context
 def verify_command(ctx: click.Context, department: str, mailboxes: tuple[str, ...], output: str | None) -> None:
     """Compare source and target folder by folder (counts, Message-ID sets) and write the report."""
+    from balf.bridge import store
+    from balf.bridge.domino import settle_modes
+    from balf.bridge.verify import verify_job
+
     config = state(ctx).config()
     dept = _department(department) or ""
 
@@ -390,6 +425,8 @@ def report_command(
     ctx: click.Context, department: str, mailboxes: tuple[str, ...], output: str | None, fmt: str
 ) -> None:
     """Print (or write) the department's bascule report from the recorded state."""
+    from balf.bridge import report as reports
+
     config = state(ctx).config()
     dept = _department(department) or ""
     snaps = run_async(_with_db, config, _snapshots, dept, mailboxes)

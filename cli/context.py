@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -57,6 +56,8 @@ def state(ctx: click.Context) -> CliState:
 
 def run_async(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
     """Run a coroutine for a command; Ctrl-C ends it with the conventional exit code 130."""
+    import asyncio  # on use: a quick `balf bascule run` needs no event loop
+
     try:
         return asyncio.run(fn(*args, **kwargs))
     except KeyboardInterrupt:

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from balf.db.revision import MIGRATIONS, head_revision
+
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
 # Alembic is imported inside the functions: it costs a tenth of a second that every CLI
 # command would otherwise pay, and only `db upgrade`, `init` and `serve` start-up need it.
-
-MIGRATIONS = Path(__file__).with_name("migrations")
+__all__ = ["MIGRATIONS", "head_revision", "alembic_config", "upgrade", "current", "at_head"]
 
 
 def alembic_config(url: str) -> AlembicConfig:
@@ -31,8 +30,7 @@ def alembic_config(url: str) -> AlembicConfig:
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     """Bring the schema up to ``revision`` inside one connection."""
     async with engine.begin() as conn:
-        await conn.run_sync(_upgrade_sync, str(engine.url.render_as_string(hide_password=False)),
-                            revision)
+        await conn.run_sync(_upgrade_sync, str(engine.url.render_as_string(hide_password=False)), revision)
 
 
 def _upgrade_sync(connection: object, url: str, revision: str) -> None:
@@ -52,23 +50,6 @@ async def current(engine: AsyncEngine) -> tuple[str | None, str]:
     async with engine.connect() as conn:
         rev = await conn.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())
     return rev, head
-
-
-_REVISION = re.compile(r"^(down_revision|revision)\s*(?::[^=]*)?=\s*['\"]?([\w.-]+|None)['\"]?\s*$", re.M)
-
-
-def head_revision() -> str | None:
-    """The head revision id read from the files of ``migrations/versions`` without Alembic (its
-    import and script loading cost most of a short command's time); None when the history is
-    not one plain line (branches, merges, several heads): callers then ask Alembic."""
-    revisions: dict[str, str | None] = {}
-    for path in (MIGRATIONS / "versions").glob("*.py"):
-        found = dict(_REVISION.findall(path.read_text(encoding="utf-8")))
-        if "revision" in found:
-            down = found.get("down_revision")
-            revisions[found["revision"]] = None if down in (None, "None") else down
-    heads = set(revisions) - {d for d in revisions.values() if d}
-    return heads.pop() if len(heads) == 1 else None
 
 
 async def at_head(engine: AsyncEngine) -> bool:

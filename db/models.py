@@ -29,6 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from balf.db.states import BasculeState
+
 # Stable constraint names, so migrations can alter them on both SQLite and PostgreSQL.
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -37,8 +39,6 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-
 
 
 class Base(DeclarativeBase):
@@ -52,8 +52,14 @@ def utcnow() -> dt.datetime:
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
     # Stored as short strings (no native PostgreSQL enum) so adding a value needs no migration.
-    return Enum(cls, name=name, native_enum=False, length=40,
-                values_callable=lambda e: [m.value for m in e], validate_strings=True)
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        length=40,
+        values_callable=lambda e: [m.value for m in e],
+        validate_strings=True,
+    )
 
 
 class ServiceKind(enum.StrEnum):
@@ -108,15 +114,8 @@ class OutboxState(enum.StrEnum):
     DEAD = "dead"
 
 
-class BasculeState(enum.StrEnum):
-    PLANIFIEE = "planifiée"
-    EN_COURS = "en cours"
-    MIGREE = "migrée"
-    VERIFIEE = "vérifiée"
-    EN_ERREUR = "en erreur"
-
-
 # --- service directory -------------------------------------------------------------------
+
 
 class Service(Base):
     """A local service (SIP, SIE, CDIF...) and its shared BALF mailbox."""
@@ -153,6 +152,7 @@ class ServiceAddress(Base):
 
 # --- e-contacts ----------------------------------------------------------------------------
 
+
 class Usager(Base):
     """A citizen or partner writing to the services."""
 
@@ -179,8 +179,7 @@ class Thread(Base):
     subject: Mapped[str] = mapped_column(Text, default="")
     category: Mapped[Category | None] = mapped_column(_enum(Category, "thread_category"))
     channel: Mapped[Channel] = mapped_column(_enum(Channel, "channel"), default=Channel.COURRIEL)
-    status: Mapped[ThreadStatus] = mapped_column(_enum(ThreadStatus, "thread_status"),
-                                                 default=ThreadStatus.OUVERT)
+    status: Mapped[ThreadStatus] = mapped_column(_enum(ThreadStatus, "thread_status"), default=ThreadStatus.OUVERT)
     related_reference: Mapped[str | None] = mapped_column(String(32))  # a reference it mentions
     opened_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     first_response_at: Mapped[dt.datetime | None]
@@ -258,6 +257,7 @@ class ContactTrace(Base):
 
 # --- counters ------------------------------------------------------------------------------
 
+
 class TrafficEvent(Base):
     """One message in or out of a service: the raw material of every count."""
 
@@ -290,6 +290,7 @@ class DailyRollup(Base):
 
 
 # --- gateway state -------------------------------------------------------------------------
+
 
 class SpoolEntry(Base):
     """A message accepted with 250 and not yet fully delivered (the spool's index)."""
@@ -337,6 +338,7 @@ class NotificationOutbox(Base):
 
 # --- bascule -------------------------------------------------------------------------------
 
+
 class BasculeJob(Base):
     """One mailbox to migrate: a source, a target IMAP account, a planned date."""
 
@@ -350,8 +352,7 @@ class BasculeJob(Base):
     target_account: Mapped[str] = mapped_column(String(200))
     planned_date: Mapped[dt.date | None] = mapped_column(Date)
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    state: Mapped[BasculeState] = mapped_column(_enum(BasculeState, "bascule_state"),
-                                                default=BasculeState.PLANIFIEE)
+    state: Mapped[BasculeState] = mapped_column(_enum(BasculeState, "bascule_state"), default=BasculeState.PLANIFIEE)
     messages_total: Mapped[int] = mapped_column(Integer, default=0)
     messages_copied: Mapped[int] = mapped_column(Integer, default=0)
     bytes_copied: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -364,6 +365,9 @@ class BasculeJob(Base):
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
     verified_at: Mapped[dt.datetime | None]
+    # The plan and both servers' state when the last run left nothing to copy (balf.bridge.snapshot):
+    # a rerun that finds them unchanged has nothing to do and need not load the rest.
+    rerun_digest: Mapped[str | None] = mapped_column(String(64))
 
 
 class BasculeFolder(Base):

@@ -1,0 +1,158 @@
+"""A rerun over unchanged mailboxes is answered from the servers' state without the database
+layer, and any change sends it down the full path (live: Dovecot, SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.bridge.helpers import balf, fetch_all, imap, new_user, write_config, write_plan
+
+pytestmark = pytest.mark.live
+WHEN = dt.datetime(2024, 3, 4, 10, 0, tzinfo=dt.UTC)
+
+
+def _message(n: int) -> bytes:
+    return (
+        f"From: usager{n}@example.org\r\nTo: sip@dgfip.finances.gouv.fr\r\nSubject: relance {n}\r\n"
+        f"Message-ID: <quick-{n}@example.org>\r\n\r\nCorps {n}.\r\n"
+    ).encode()
+
+
+def _migrated(tmp_path: Path, dovecot, db_url: str, stem: str, options: str = "password_env=SRC_PW"):
+    source, target = new_user(dovecot, f"{stem}-src"), new_user(dovecot, f"{stem}-dst")
+    client = imap(source)
+    client.create_folder("Réclamations/Été 2024")
+    for n in range(3):
+        client.append("INBOX", _message(n), flags=("\\Seen",), msg_time=WHEN)
+    client.append("Réclamations/Été 2024", _message(10), msg_time=WHEN)
+    client.logout()
+    config = write_config(tmp_path, db_url, dovecot)
+    uri = f"imap://{source.username}@{source.host}:{source.port}"
+    plan = write_plan(tmp_path, [("sip", uri, target.username, options)])
+    env = {"SRC_PW": source.password}
+    balf(config, "bascule", "plan", "-d", "33", str(plan))
+    first = balf(config, "bascule", "run", "-d", "33", env=env)
+    assert "4 copiés" in first.output, first.output
+    return source, target, config, env, uri
+
+
+def _set_jobs(db_url: str, **values: object) -> None:
+    """Change every job's row behind balf's back (another run's claim, a forgotten digest)."""
+    from sqlalchemy import update
+
+    from balf.db.engine import create_engine
+    from balf.db.models import BasculeJob
+
+    async def go() -> None:
+        engine = create_engine(db_url)
+        async with engine.begin() as conn:
+            await conn.execute(update(BasculeJob).values(**values))
+        await engine.dispose()
+
+    asyncio.run(go())
+
+
+def _job(config: Path) -> dict:
+    return json.loads(balf(config, "bascule", "status", "-d", "33", "--json").output)[0]
+
+
+def _run_process(config: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`balf bascule run` in a fresh interpreter that lists every module it imports."""
+    return subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "balf.cli.main", "-c", str(config), "bascule", "run", "-d", "33"]
+        + list(args),
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+        check=False,
+    )
+
+
+def _imported(stderr: str) -> set[str]:
+    return {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_unchanged_rerun_needs_neither_sqlalchemy_nor_a_write(tmp_path: Path, dovecot, db_url: str) -> None:
+    _source, target, config, env, _uri = _migrated(tmp_path, dovecot, db_url, "quick")
+    before = _job(config)
+
+    done = _run_process(config, env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "sip: migrée - 0 copiés, 0 déjà présents, 0 signalés" in done.stdout
+    assert "sip: doublons reconnus par" in done.stdout  # the same lines as the full path prints
+    imported = _imported(done.stderr)
+    assert "balf.bridge.quickrun" in imported
+    assert not {m for m in imported if m.split(".")[0] in ("sqlalchemy", "imapclient", "alembic")}
+    assert _job(config) == before  # nothing written: the full path would have set finished_at
+    assert sum(len(v) for v in fetch_all(target).values()) == 4
+
+
+def test_every_change_takes_the_full_path_then_quick_again(tmp_path: Path, dovecot, db_url: str) -> None:
+    source, target, config, env, uri = _migrated(tmp_path, dovecot, db_url, "change")
+
+    # A message reaches the source: copied by the full path, which records a new digest.
+    client = imap(source)
+    client.append("Réclamations/Été 2024", _message(11), msg_time=WHEN)
+    client.logout()
+    first = _run_process(config, env)
+    assert "1 copiés" in first.stdout, first.stdout + first.stderr[-1500:]
+    assert "sqlalchemy" in _imported(first.stderr)
+    again = _run_process(config, env)
+    assert "0 copiés" in again.stdout and "sqlalchemy" not in _imported(again.stderr)
+
+    # The target folder is deleted: UIDVALIDITY and LIST change, the full path fills it again.
+    client = imap(target)
+    client.delete_folder("Réclamations/Été 2024")
+    client.logout()
+    refill = _run_process(config, env)
+    assert "2 copiés" in refill.stdout, refill.stdout + refill.stderr[-1500:]
+    assert len(fetch_all(target)["Réclamations/Été 2024"]) == 2
+
+    # The plan changes (a folder excluded): the digest covers the plan, the full path decides.
+    plan = write_plan(tmp_path, [("sip", uri, target.username, "password_env=SRC_PW exclude=Réclamations*")])
+    balf(config, "bascule", "plan", "-d", "33", str(plan))
+    replanned = _run_process(config, env)
+    assert replanned.returncode == 0 and "sqlalchemy" in _imported(replanned.stderr)
+    assert "0 copiés" in _run_process(config, env).stdout
+
+    # No password: the quick path cannot log in to the source, the full path says why.
+    missing = _run_process(config, {}, "--again")
+    assert "SRC_PW" in missing.stdout + missing.stderr
+
+
+def test_a_rerun_of_a_verified_mailbox_leaves_it_verified(tmp_path: Path, dovecot, db_url: str) -> None:
+    source, _target, config, env, _uri = _migrated(tmp_path, dovecot, db_url, "verified")
+    assert balf(config, "bascule", "verify", "-d", "33", "-o", str(tmp_path / "r"), env=env).exit_code == 0
+    assert _job(config)["state"] == "vérifiée"
+
+    quick = _run_process(config, env, "--again")
+    assert "sip: vérifiée - 0 copiés" in quick.stdout and "sqlalchemy" not in _imported(quick.stderr)
+    # The full path over an unchanged mailbox (no digest to compare: forget it) keeps it verified too.
+    _set_jobs(db_url, rerun_digest=None)
+    full = balf(config, "bascule", "run", "-d", "33", "--again", env=env)
+    assert "sip: vérifiée - 0 copiés" in full.output, full.output
+    assert _job(config)["state"] == "vérifiée"
+
+    client = imap(source)
+    client.append("INBOX", _message(5), msg_time=WHEN)
+    client.logout()
+    changed = balf(config, "bascule", "run", "-d", "33", "--again", env=env)
+    assert "sip: migrée - 1 copiés" in changed.output, changed.output
+    assert _job(config)["state"] == "migrée"  # to verify again
+
+
+def test_a_mailbox_held_by_another_run_is_left_to_the_full_path(tmp_path: Path, dovecot, db_url: str) -> None:
+    _source, _target, config, env, _uri = _migrated(tmp_path, dovecot, db_url, "held")
+    _set_jobs(db_url, claimed_by="autre-poste:1", claimed_until=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5))
+    held = _run_process(config, env)
+    assert held.returncode == 75, held.stdout + held.stderr[-1500:]
+    assert "déjà en cours sur un autre poste (autre-poste:1)" in held.stdout + held.stderr
