@@ -466,6 +466,7 @@ def department_rerun(server: Dovecot, mailboxes: int, messages: int, base: Path,
             env = {"BENCH_PW": sources[0].password}
         else:
             run, env = ["mbsync", "-c", str(mbsync_rc(pairs, work)), "-q", "-a"], {}
+        settle()
         first, _rss, _ = timed(run, env)
         times[tool] = second_pass(run, env)
         print(
@@ -475,6 +476,12 @@ def department_rerun(server: Dovecot, mailboxes: int, messages: int, base: Path,
         )
     if len(times) == 2:
         print(f"department second pass balf / mbsync: {times['balf'] / times['mbsync']:.2f}x the time", flush=True)
+
+
+def settle() -> None:
+    """Start each tool on a quiet machine: the previous one's writes flushed to disk."""
+    os.sync()
+    time.sleep(2)
 
 
 def precompile() -> None:
@@ -529,6 +536,7 @@ def main() -> None:
             target = server.add_user(f"bench-{tool}")
             work = base / tool
             work.mkdir()
+            settle()
             try:
                 outcome = runners[tool](source, target, work)
             except (RuntimeError, OSError) as exc:
@@ -554,6 +562,7 @@ def main() -> None:
             target = server.add_user("bench-balf-big")
             work = base / "balf-big"
             work.mkdir()
+            settle()
             seconds, rss, rerun = run_balf(server, big_source, target, work, args.connections)
             memory.append((big_count, rss))
             print(
