@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 import os
 import socket
 import time
@@ -88,6 +89,21 @@ def ended_state(before: BasculeState, folders: Sequence[FolderOutcome], remarks:
     if before is BasculeState.VERIFIEE and not remarks and not any(f.copied or f.failed for f in folders):
         return BasculeState.VERIFIEE
     return BasculeState.MIGREE
+
+
+def connections_for(plan: FolderPlan, settings: RunSettings) -> int:
+    """Target connections worth having for a folder: one per batch it fills, up to
+    ``connections`` (pure). Each costs a login, and on Dovecot an imap process, that a folder of
+    a few messages does not repay: over a department of small mailboxes, four per mailbox made
+    the first pass CPU-bound on two cores. Unknown sizes: all of them."""
+    count, size = plan.source.estimated_count, plan.source.estimated_bytes
+    if count is None and size is None:
+        return settings.connections
+    batches = max(
+        math.ceil((size or 0) / max(1, settings.batch_bytes)),
+        math.ceil((count or 0) / max(1, settings.batch_messages)),
+    )
+    return max(1, min(settings.connections, batches))
 
 
 def holder_is_dead(holder: str, me: str) -> bool:
@@ -297,7 +313,7 @@ class MailboxRun:
             return FolderOutcome(plan.source.display, name)
         row = await store.folder_row(sessions, job.id, plan.source.display, name, create=not settings.dry_run)
         if not settings.dry_run:
-            await self.open_targets()  # the other connections, now that there may be work
+            await self.open_targets(connections_for(plan, settings))  # the others, now that there may be work
         primary = self.targets[0]
         created = False
         if not settings.dry_run:

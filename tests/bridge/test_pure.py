@@ -16,7 +16,15 @@ from balf.bridge.files import from_line_date, maildir_flags, mbox_flags, mbox_me
 from balf.bridge.folders import parents, plan_folders, target_name
 from balf.bridge.imap import ImapSource, Login, appended_uids, parse_uid_set
 from balf.bridge.keys import date_header, dedup_key, message_id, to_crlf
-from balf.bridge.migrate import BatchReader, holder_is_dead, split_evenly, storable_flags
+from balf.bridge.migrate import (
+    BatchReader,
+    RunSettings,
+    connections_for,
+    ended_state,
+    holder_is_dead,
+    split_evenly,
+    storable_flags,
+)
 from balf.bridge.model import Role, SourceDamage, SourceFolder, SourceMessage
 from balf.bridge.notes import NotesDocument, canonical_name, convert_document, notes_address, parse_dxl_datetime
 from balf.bridge.progress import rate_line
@@ -453,3 +461,30 @@ def test_report_renderings() -> None:
 def test_rate_line() -> None:
     line = rate_line("sip-bdx", 500, 1000, 5_000_000, 2.0)
     assert "250 msg/s" in line and "2.5 MB/s" in line and "ETA 0:00:02" in line
+
+
+def test_connections_follow_the_folder_size() -> None:
+    from balf.bridge.model import FolderPlan, SourceFolder
+
+    settings = RunSettings(connections=4, batch_messages=200, batch_bytes=8 * 1024 * 1024)
+
+    def plan(count: int | None, size: int | None) -> FolderPlan:
+        return FolderPlan(SourceFolder(("INBOX",), "INBOX", estimated_count=count, estimated_bytes=size), "INBOX")
+
+    assert connections_for(plan(20, 900_000), settings) == 1  # a small BALF: one login, not four
+    assert connections_for(plan(0, 0), settings) == 1
+    assert connections_for(plan(450, 3_000_000), settings) == 3  # by count
+    assert connections_for(plan(1000, 45_000_000), settings) == 4  # the benchmark's folders
+    assert connections_for(plan(None, None), settings) == 4  # unknown: all of them
+
+
+def test_a_verified_mailbox_stays_verified_only_through_an_idle_rerun() -> None:
+    from balf.bridge.outcome import FolderOutcome
+    from balf.db.states import BasculeState
+
+    idle = [FolderOutcome("INBOX", "INBOX"), FolderOutcome("($All)", "")]
+    assert ended_state(BasculeState.VERIFIEE, idle, []) is BasculeState.VERIFIEE
+    assert ended_state(BasculeState.VERIFIEE, [FolderOutcome("INBOX", "INBOX", copied=1)], []) is BasculeState.MIGREE
+    assert ended_state(BasculeState.VERIFIEE, [FolderOutcome("INBOX", "INBOX", failed=1)], []) is BasculeState.MIGREE
+    assert ended_state(BasculeState.VERIFIEE, idle, [("dxl", "tronqué")]) is BasculeState.MIGREE
+    assert ended_state(BasculeState.EN_ERREUR, idle, []) is BasculeState.MIGREE
