@@ -23,6 +23,10 @@ def test_wheel_installs_only_under_the_balf_namespace(tmp_path: Path) -> None:
         assert f"balf/{part}/__init__.py" in names
     assert "balf/config/balf.example.toml" in names
     assert any(n.startswith("balf/db/migrations/versions/0001_") for n in names)
+    assert any(n.startswith("balf/db/migrations/versions/0002_") for n in names)
+    # Data files setuptools warns it may stop taking (they are not listed packages): the French
+    # acknowledgement must still ship.
+    assert "balf/gateway/templates/acknowledgement.txt" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "balf = balf.cli.main:main" in text
