@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PROBES_AT_ONCE = 8  # Domino detection: sources asked at the same time
+
 _DOMINO = re.compile(rb"domino", re.I)
 _QUOTED = re.compile(rb'"((?:[^"\\]|\\.)*)"|NIL', re.I)
 
@@ -191,36 +193,59 @@ async def settle_modes(
     options (``record``; a dry run records nothing). A job already started without a decision
     keeps whole Message-IDs, the mode it was copied in. Returns one note per IMAP job."""
     notes: list[ModeNote] = []
+    gate = asyncio.Semaphore(PROBES_AT_ONCE)
+
+    async def probed(job: BasculeJob, options: MailboxOptions) -> ServerFacts:
+        async with gate:
+            return await asyncio.to_thread(probe, job.source, options, timeout)
+
+    # The servers are asked all at once (a department's first run meets dozens of sources, a
+    # login each); the decisions are then recorded one by one, in the jobs' order.
+    pending: dict[int, asyncio.Future[ServerFacts]] = {}
     for job in jobs:
         raw = dict(job.options or {})
-        if not _is_imap(job.source):
+        if not _is_imap(job.source) or job.started_at is not None or DOMINO_DETECTED in raw:
             continue
         try:
             options = parse_options(raw, f"mailbox {job.mailbox}")
         except BridgeError:
-            continue  # the run reports a bad plan itself
-        if options.domino is not None or DOMINO_DETECTED in raw:
-            notes.append(ModeNote(job.mailbox, options.dedup_mode))
             continue
-        if job.started_at is not None:
-            detected, evidence = "no", "boîte commencée avant la détection automatique, mode gardé"
-        else:
-            try:
-                facts = await asyncio.to_thread(probe, job.source, options, timeout)
-            except BridgeError as exc:
-                error = f"{job.mailbox}: source Domino ou non? impossible de le savoir: {exc}"
-                if record:
-                    await store.set_job(sessions, job.id, state=BasculeState.EN_ERREUR, last_error=error)
-                notes.append(ModeNote(job.mailbox, "", error))
+        if options.domino is None:
+            pending[job.id] = asyncio.ensure_future(probed(job, options))
+    try:
+        for job in jobs:
+            raw = dict(job.options or {})
+            if not _is_imap(job.source):
                 continue
-            found = domino_evidence(facts)
-            detected, evidence = (
-                ("yes", found) if found else ("no", "ni l'accueil, ni CAPABILITY, ni ID, ni le séparateur")
-            )
-        decided = {**raw, DOMINO_DETECTED: detected, DOMINO_EVIDENCE: evidence}
-        if record:
-            await store.set_job(sessions, job.id, options=decided)
-        mode = parse_options(decided).dedup_mode
-        log.info("bascule %s: %s", job.mailbox, mode)
-        notes.append(ModeNote(job.mailbox, mode))
+            try:
+                options = parse_options(raw, f"mailbox {job.mailbox}")
+            except BridgeError:
+                continue  # the run reports a bad plan itself
+            if options.domino is not None or DOMINO_DETECTED in raw:
+                notes.append(ModeNote(job.mailbox, options.dedup_mode))
+                continue
+            if job.started_at is not None:
+                detected, evidence = "no", "boîte commencée avant la détection automatique, mode gardé"
+            else:
+                try:
+                    facts = await pending[job.id]
+                except BridgeError as exc:
+                    error = f"{job.mailbox}: source Domino ou non? impossible de le savoir: {exc}"
+                    if record:
+                        await store.set_job(sessions, job.id, state=BasculeState.EN_ERREUR, last_error=error)
+                    notes.append(ModeNote(job.mailbox, "", error))
+                    continue
+                found = domino_evidence(facts)
+                detected, evidence = (
+                    ("yes", found) if found else ("no", "ni l'accueil, ni CAPABILITY, ni ID, ni le séparateur")
+                )
+            decided = {**raw, DOMINO_DETECTED: detected, DOMINO_EVIDENCE: evidence}
+            if record:
+                await store.set_job(sessions, job.id, options=decided)
+            mode = parse_options(decided).dedup_mode
+            log.info("bascule %s: %s", job.mailbox, mode)
+            notes.append(ModeNote(job.mailbox, mode))
+    finally:  # a failure above must not leave probes running unheard
+        for future in pending.values():
+            future.cancel()
     return notes
