@@ -82,6 +82,11 @@ def _quiet_imaplib(client: IMAPClient) -> None:
         imap.debug = 0
 
 
+def _response_text(data: Any) -> str:
+    parts = data if isinstance(data, (list, tuple)) else [data]
+    return " ".join(p.decode("utf-8", "replace") if isinstance(p, bytes) else str(p) for p in parts if p)
+
+
 def _text(exc: BaseException) -> str:
     return str(exc)
 
@@ -488,8 +493,10 @@ class ImapTarget:
                     if when is not None:
                         item["date"] = when
                     items.append(item)
-                typ_data = self.client.multiappend(name, items)
-                return appended_uids(typ_data, len(messages))
+                typ, data = self.client.multiappend(name, items)
+                if typ != "OK":  # imapclient returns a NO or BAD here instead of raising
+                    raise imaplib.IMAP4.error(f"APPEND command error: {typ} {_response_text(data)}")
+                return appended_uids(data, len(messages))
             uids: list[int] = []
             for raw, flags, when in messages:
                 response = self.client.append(name, raw, flags=flags, msg_time=when)
