@@ -337,6 +337,13 @@ class MailboxRun:
                 row.checkpoint = None
             elif row.target_uidvalidity is None:
                 await store.set_target_uidvalidity(sessions, row.id, validity)
+            if plan.source.estimated_count == 0 and self.source.kind == "imap":
+                # Empty at the source when listed (IMAP STATUS; a file or DXL source may still
+                # have damage to report): the folder exists, subscribed and
+                # recorded, and that is all there is to do. The target's evidence waits for a
+                # run that has something to append; a message that arrived since the listing
+                # changes the source's STATUS, so the next run (and its digest) sees it.
+                return FolderOutcome(plan.source.display, name, created=created)
             permanent = selected["permanentflags"]
             before: list[tuple[int, str, int]] | None = None
             if not await store.evidence_settled(sessions, job.id, name):
