@@ -247,6 +247,10 @@ class ImapSource:
         sizes = uid_sizes(client, 0)
         return len(sizes), sum(s for _u, s in sizes)
 
+    def listed_status(self) -> dict[str, tuple[int, int | None, int | None]]:
+        """(messages, UIDVALIDITY, UIDNEXT) of each folder as ``folders()`` saw it, by name."""
+        return dict(self._status)
+
     def unchanged_since(self, folder: SourceFolder, checkpoint: str | None) -> bool:
         """True when ``messages(folder, checkpoint)`` would yield nothing, as told by the folder's
         status when ``folders()`` listed it: no message at all, or the same UIDVALIDITY and no UID

@@ -40,7 +40,7 @@ from balf.bridge.keys import dedup_key
 from balf.bridge.login import TargetAccess
 from balf.bridge.model import FolderPlan, MailboxOptions, SourceDamage, SourceItem, SourceMessage
 from balf.bridge.outcome import FolderOutcome, JobOutcome
-from balf.bridge.snapshot import digest, plan_fingerprint, server_state
+from balf.bridge.snapshot import digest, plan_fingerprint, server_state, status_numbers
 from balf.bridge.sources import MailSource, imap_login, is_imap, open_source
 from balf.bridge.store import IssueRecord, Sessions
 from balf.db.models import BasculeFolder, BasculeJob, BasculeState
@@ -216,32 +216,67 @@ class MailboxRun:
         return await asyncio.to_thread(server_state, login, source=True)
 
     async def rerun_digest(self, source_before: bytes | None, plans: Sequence[FolderPlan]) -> str | None:
-        """The digest a rerun compares against (``balf.bridge.snapshot``), taken of the target now
-        that this run has nothing left to copy. None when either side could not be read, or when
-        a full rerun over unchanged servers would not skip every folder by ``unchanged``: the
-        quick answer must never differ from the full one."""
-        if source_before is None:
+        """The digest a rerun compares against (``balf.bridge.snapshot``), or None.
+
+        The target's state is taken first; then, against the target as it is from then on, the
+        run must be one a full rerun over unchanged servers would skip folder by folder: the
+        same folder plan, every target folder there with the UIDVALIDITY recorded, every
+        checkpoint past the source's UIDNEXT as listed; and the source's snapshot must show the
+        numbers the run listed. A change at any moment makes the check fail or the next digest
+        differ: the quick answer never differs from the full one."""
+        if source_before is None or self.info is None or not self._source_agrees(source_before):
             return None
-        rows = {f.source_name: f for f in await store.folders_of(self.sessions, self.job.id)}
-        check = getattr(self.source, "unchanged_since", None)
-        for plan in plans:
-            row = rows.get(plan.source.display)
-            if plan.skip:
-                continue
-            if (
-                check is None
-                or row is None
-                or row.target_uidvalidity is None
-                or row.target_name != plan.target
-                or not check(plan.source, row.checkpoint)
-            ):
-                return None
         target = await asyncio.to_thread(server_state, self.access.login(self.job.target_account), source=False)
         if target is None:
+            return None
+        try:
+            await self.open_targets(1)
+            info = await asyncio.to_thread(self.targets[0].info)
+            again = plan_folders(
+                [p.source for p in plans],
+                delimiter=info.delimiter,
+                special=info.special,
+                prefix=info.prefix,
+                folder_map=self.options.folder_map,
+                exclude=self.options.exclude,
+            )
+            if [(p.source.display, p.target, p.skip) for p in again] != [
+                (p.source.display, p.target, p.skip) for p in plans
+            ]:
+                return None
+            rows = {f.source_name: f for f in await store.folders_of(self.sessions, self.job.id)}
+            check = getattr(self.source, "unchanged_since", None)
+            for plan in plans:
+                if plan.skip:
+                    continue
+                row = rows.get(plan.source.display)
+                if (
+                    check is None
+                    or row is None
+                    or row.target_uidvalidity is None
+                    or row.target_name != plan.target
+                    or not check(plan.source, row.checkpoint)
+                    or await asyncio.to_thread(self.targets[0].uidvalidity, plan.target) != row.target_uidvalidity
+                ):
+                    return None
+        except BridgeError as exc:
+            log.info("bascule %s: no rerun digest (%s)", self.job.mailbox, exc)
             return None
         return digest(
             plan_fingerprint(self.job.source, self.job.target_account, self.job.options), source_before, target
         )
+
+    def _source_agrees(self, source_before: bytes) -> bool:
+        """True when the source's snapshot shows, for every folder the run listed, the STATUS
+        numbers the run decided from (a server answering SELECT and STATUS differently, or a
+        folder renamed between the two, gets no digest)."""
+        listed = getattr(self.source, "listed_status", None)
+        if listed is None:
+            return False
+        from imapclient.imap_utf7 import encode
+
+        seen = status_numbers(source_before)
+        return all(seen.get(encode(name)) == numbers for name, numbers in listed().items())
 
     async def open(self) -> list[FolderPlan]:
         source = await asyncio.to_thread(open_source, self.job.source, self.options, timeout=self.access.timeout)
@@ -604,14 +639,17 @@ async def run_job(
             total = sum(f.seen for f in folders)
             await store.add_issues(sessions, job.id, [IssueRecord("", "", kind, detail) for kind, detail in remarks])
             fresh = await store.load_job(sessions, job.id)
+            rerun_digest = await run.rerun_digest(source_before, plans)
             final = ended_state(job.state, folders, remarks)
+            if rerun_digest is None:  # cannot show nothing moved (a verify may have rewound a checkpoint)
+                final = BasculeState.MIGREE
             await store.set_job(
                 sessions,
                 job.id,
                 state=final,
                 finished_at=store.utcnow(),
                 messages_total=max(fresh.messages_total, fresh.messages_copied, total),
-                rerun_digest=await run.rerun_digest(source_before, plans),
+                rerun_digest=rerun_digest,
             )
             await store.release_job(sessions, job.id, settings.worker)
         outcome = JobOutcome(

@@ -86,6 +86,28 @@ def list_line(flags: tuple[bytes, ...], delimiter: bytes, name: bytes) -> bytes:
     return b" ".join(kept) + b"\0" + delimiter + b"\0" + name
 
 
+_STATUS = re.compile(rb'^(?:"(?P<quoted>(?:[^"\\]|\\.)*)"|(?P<atom>[^\s"(){]+)) \((?P<items>[A-Z0-9 ]*)\)$', re.I)
+
+
+def status_numbers(state: bytes) -> dict[bytes, tuple[int, int | None, int | None]]:
+    """(MESSAGES, UIDVALIDITY, UIDNEXT) by mailbox name (as sent) from a source state (pure).
+
+    Names sent as literals are left out: the caller then finds a folder missing and records no
+    digest, the safe side."""
+    found: dict[bytes, tuple[int, int | None, int | None]] = {}
+    for line in state.split(b"\n"):
+        match = _STATUS.match(line)
+        if not match or b"\0" in line:
+            continue
+        words = match.group("items").split()
+        items = {k.upper(): int(v) for k, v in zip(words[::2], words[1::2], strict=False) if v.isdigit()}
+        name = match.group("atom")
+        if name is None:
+            name = re.sub(rb"\\(.)", rb"\1", match.group("quoted"))
+        found[name] = (items.get(b"MESSAGES", 0), items.get(b"UIDVALIDITY"), items.get(b"UIDNEXT"))
+    return found
+
+
 def quoted(name: bytes) -> bytes:
     """``name`` as an IMAP quoted string (RFC 3501 4.3); NoSnapshot when it needs a literal (pure)."""
     if any(b > 0x7E or b < 0x20 for b in name):
@@ -129,6 +151,8 @@ def _folders(conn: imaplib.IMAP4) -> tuple[list[bytes], list[bytes]]:
     lines: list[bytes] = []
     names: list[bytes] = []
     for item in _check(*conn.list('""', "*"), "LIST"):
+        if item == b"":  # what imaplib leaves of the line after a literal name
+            continue
         flags, delimiter, name = list_entry(item)
         lines.append(list_line(flags, delimiter, name))
         if not any(f in flags for f in _NOT_SELECTABLE):
@@ -141,8 +165,9 @@ def _state(login: Login, *, source: bool) -> bytes:
     try:
         parts: list[bytes] = []
         if not source:
-            parts.append(b" ".join(sorted(b" ".join(_check(*conn.capability(), "CAPABILITY")).upper().split())))
-            if "NAMESPACE" in conn.capabilities:
+            capabilities = sorted(set(b" ".join(_check(*conn.capability(), "CAPABILITY")).upper().split()))
+            parts.append(b" ".join(capabilities))
+            if b"NAMESPACE" in capabilities:  # after login: Dovecot announces it only then
                 parts.extend(_check(*conn.namespace(), "NAMESPACE"))
         lines, names = _folders(conn)
         parts.extend(lines)

@@ -156,3 +156,32 @@ def test_a_mailbox_held_by_another_run_is_left_to_the_full_path(tmp_path: Path, 
     held = _run_process(config, env)
     assert held.returncode == 75, held.stdout + held.stderr[-1500:]
     assert "déjà en cours sur un autre poste (autre-poste:1)" in held.stdout + held.stderr
+
+
+def test_a_target_folder_deleted_while_the_run_ends_gets_no_digest(
+    tmp_path: Path, dovecot, db_url: str, monkeypatch
+) -> None:
+    """Found by review: the digest once trusted the recorded rows, so a folder deleted in the
+    target after the run had filled it was recorded as "nothing to do" for good."""
+    from balf.bridge import migrate
+
+    source, target, config, env, _uri = _migrated(tmp_path, dovecot, db_url, "race")
+    client = imap(source)
+    client.append("INBOX", _message(20), msg_time=WHEN)  # the next run is a full one
+    client.logout()
+    original = migrate.MailboxRun.rerun_digest
+
+    async def deleted_meanwhile(self, before, plans):  # the agent, in Thunderbird, meanwhile
+        client = imap(target)
+        client.delete_folder("Réclamations/Été 2024")
+        client.logout()
+        return await original(self, before, plans)
+
+    monkeypatch.setattr(migrate.MailboxRun, "rerun_digest", deleted_meanwhile)
+    assert "1 copiés" in balf(config, "bascule", "run", "-d", "33", env=env).output
+    monkeypatch.setattr(migrate.MailboxRun, "rerun_digest", original)
+
+    again = _run_process(config, env)
+    assert "sqlalchemy" in _imported(again.stderr)  # no digest: the full path, which refills it
+    assert "1 copiés" in again.stdout, again.stdout + again.stderr[-1500:]
+    assert len(fetch_all(target)["Réclamations/Été 2024"]) == 1

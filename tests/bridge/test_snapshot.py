@@ -98,3 +98,21 @@ def test_sqlite_urls() -> None:
     assert sqlite_path("sqlite+aiosqlite:///:memory:") is None
     assert sqlite_path("sqlite+aiosqlite:////x.db?mode=ro") is None
     assert sqlite_path("postgresql+asyncpg://u@h/db") is None
+
+
+def test_status_numbers_from_a_source_state() -> None:
+    from balf.bridge.snapshot import status_numbers
+
+    state = b"\n".join(
+        [
+            list_line(*list_entry(b'(\\HasNoChildren) "/" INBOX')),
+            b"INBOX (MESSAGES 3 UIDNEXT 4 UIDVALIDITY 17)",
+            b'"R&AOk-clamations/&AMk-t&AOk- 2024" (MESSAGES 0 UIDNEXT 1 UIDVALIDITY 9)',
+            b'"say \\"hi\\"" (UIDVALIDITY 5 MESSAGES 1 UIDNEXT 2)',
+        ]
+    )
+    assert status_numbers(state) == {
+        b"INBOX": (3, 17, 4),
+        b"R&AOk-clamations/&AMk-t&AOk- 2024": (0, 9, 1),
+        b'say "hi"': (1, 5, 2),
+    }
