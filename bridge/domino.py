@@ -31,13 +31,13 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from balf.bridge import store
 from balf.bridge.campaign import DOMINO_DETECTED, DOMINO_EVIDENCE, parse_options
 from balf.bridge.errors import BridgeError, SourceUnavailable
 from balf.bridge.model import MailboxOptions
-from balf.bridge.sources import open_source
+from balf.bridge.sources import is_imap, open_source
 from balf.db.models import BasculeJob, BasculeState
 
 if TYPE_CHECKING:
@@ -177,10 +177,6 @@ class ModeNote:
     error: str | None = None
 
 
-def _is_imap(uri: str) -> bool:
-    return uri.lower().startswith(("imap:", "imaps:"))
-
-
 async def settle_modes(
     sessions: store.Sessions,
     jobs: Sequence[BasculeJob],
@@ -201,26 +197,22 @@ async def settle_modes(
 
     # The servers are asked all at once (a department's first run meets dozens of sources, a
     # login each); the decisions are then recorded one by one, in the jobs' order.
-    pending: dict[int, asyncio.Future[ServerFacts]] = {}
+    imap_jobs: list[tuple[BasculeJob, dict[str, Any], MailboxOptions]] = []
     for job in jobs:
         raw = dict(job.options or {})
-        if not _is_imap(job.source) or job.started_at is not None or DOMINO_DETECTED in raw:
+        if not is_imap(job.source):
             continue
         try:
-            options = parse_options(raw, f"mailbox {job.mailbox}")
+            imap_jobs.append((job, raw, parse_options(raw, f"mailbox {job.mailbox}")))
         except BridgeError:
-            continue
-        if options.domino is None:
-            pending[job.id] = asyncio.ensure_future(probed(job, options))
+            continue  # the run reports a bad plan itself
+    pending = {
+        job.id: asyncio.ensure_future(probed(job, options))
+        for job, raw, options in imap_jobs
+        if options.domino is None and DOMINO_DETECTED not in raw and job.started_at is None
+    }
     try:
-        for job in jobs:
-            raw = dict(job.options or {})
-            if not _is_imap(job.source):
-                continue
-            try:
-                options = parse_options(raw, f"mailbox {job.mailbox}")
-            except BridgeError:
-                continue  # the run reports a bad plan itself
+        for job, raw, options in imap_jobs:
             if options.domino is not None or DOMINO_DETECTED in raw:
                 notes.append(ModeNote(job.mailbox, options.dedup_mode))
                 continue

@@ -245,19 +245,8 @@ class MailboxRun:
             ]:
                 return None
             rows = {f.source_name: f for f in await store.folders_of(self.sessions, self.job.id)}
-            check = getattr(self.source, "unchanged_since", None)
-            for plan in plans:
-                if plan.skip:
-                    continue
-                row = rows.get(plan.source.display)
-                if (
-                    check is None
-                    or row is None
-                    or row.target_uidvalidity is None
-                    or row.target_name != plan.target
-                    or not check(plan.source, row.checkpoint)
-                    or await asyncio.to_thread(self.targets[0].uidvalidity, plan.target) != row.target_uidvalidity
-                ):
+            for plan in plans:  # the very rule by which a full rerun skips a folder
+                if not plan.skip and not await self.unchanged(plan, rows.get(plan.source.display)):
                     return None
         except BridgeError as exc:
             log.info("bascule %s: no rerun digest (%s)", self.job.mailbox, exc)
