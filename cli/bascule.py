@@ -14,7 +14,10 @@ import click
 from balf.bridge.campaign import check_department, parse_campaign
 from balf.bridge.errors import BridgeError
 from balf.bridge.login import TargetAccess
+from balf.cli import shortcut
 from balf.cli.context import fail, run_async, state
+from balf.cli.outcomes import mode_line, outcome_lines
+from balf.cli.shortcut import target_access
 from balf.config.schema import Config
 from balf.db.states import BasculeState
 
@@ -66,14 +69,7 @@ async def _with_db(config: Config, fn: Any, *args: Any) -> Any:
 
 
 def _access(config: Config) -> TargetAccess:
-    return TargetAccess(
-        config.imap.host,
-        config.imap.port,
-        config.imap.tls,
-        config.imap.master_user,
-        config.imap.master_password,
-        timeout=max(config.imap.timeout, 60.0),
-    )
+    return target_access(config)
 
 
 def _report_dir(config: Config, output: str | None) -> Path:
@@ -127,14 +123,14 @@ def run_command(
     """Copy the department's mailboxes (resuming where a previous run stopped)."""
     config = state(ctx).config()
     dept = _department(department) or ""
-    if not dry_run:
+    if not dry_run and not shortcut.attempted:  # the entry point asked quickrun already
         from balf.bridge.quickrun import quick_rerun
 
         width = parallel or config.bascule.mailboxes_in_parallel
         quick = quick_rerun(config.database_url, dept, mailboxes, again, _access(config), width)
         if quick is not None:  # nothing changed anywhere since the last run: nothing to copy
             for mailbox, mode in quick.notes:
-                click.echo(f"{mailbox}: doublons reconnus par {mode}")
+                click.echo(mode_line(mailbox, mode))
             _print_outcomes(list(quick.outcomes), dry_run)
             return
     from balf.bridge import store
@@ -181,7 +177,7 @@ def run_command(
         if note.error:
             click.echo(f"balf: {note.error}", err=True)
         else:
-            click.echo(f"{note.mailbox}: doublons reconnus par {note.mode}")
+            click.echo(mode_line(note.mailbox, note.mode))
     _print_outcomes(outcomes, dry_run)
     codes = [o.exit_code for o in outcomes if o.exit_code] + [1 for n in notes if n.error]
     if codes:
@@ -211,32 +207,8 @@ def _limit_heap_growth() -> None:
 
 
 def _print_outcomes(outcomes: list[JobOutcome], dry_run: bool) -> None:
-    verb = "à copier" if dry_run else "copiés"
-    total_copied = total_bytes = 0
-    seconds = max((o.seconds for o in outcomes), default=0.0)
-    for o in outcomes:
-        total_copied += o.copied
-        total_bytes += o.bytes
-        rate = o.copied / o.seconds if o.seconds > 0 else 0.0
-        click.echo(
-            f"{o.mailbox}: {o.state.value if not dry_run else 'simulation'} - {o.copied} {verb}, "
-            f"{o.skipped} déjà présents, {o.failed} signalés, {o.bytes / 1_000_000:.1f} Mo "
-            f"en {o.seconds:.1f} s ({rate:.0f} msg/s)"
-        )
-        if dry_run or o.failed or o.message:
-            for f in o.folders:
-                if not f.target:
-                    click.echo(f"  {f.source}: ignoré (vue Domino ou exclu)")
-                else:
-                    created = " (à créer)" if dry_run else (" (créé)" if f.created else "")
-                    click.echo(
-                        f"  {f.source} -> {f.target}{created}: {f.copied} {verb}, {f.skipped} déjà présents, "
-                        f"{f.failed} signalés"
-                    )
-        if o.message:
-            click.echo(f"balf: {o.message}", err=True)
-    if len(outcomes) > 1:
-        click.echo(f"total: {total_copied} messages {verb}, {total_bytes / 1_000_000:.1f} Mo en {seconds:.1f} s")
+    for line, to_stderr in outcome_lines(outcomes, dry_run):
+        click.echo(line, err=to_stderr)
 
 
 @command.command("status")

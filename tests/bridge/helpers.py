@@ -13,7 +13,7 @@ from typing import Any
 from click.testing import CliRunner, Result
 from imapclient import IMAPClient
 
-from balf.cli.main import cli
+from balf.cli.group import cli
 from tests.harness.dovecot import Account, Dovecot
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "bridge"

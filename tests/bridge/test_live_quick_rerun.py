@@ -91,7 +91,8 @@ def test_unchanged_rerun_needs_neither_sqlalchemy_nor_a_write(tmp_path: Path, do
     assert "sip: doublons reconnus par" in done.stdout  # the same lines as the full path prints
     imported = _imported(done.stderr)
     assert "balf.bridge.quickrun" in imported
-    assert not {m for m in imported if m.split(".")[0] in ("sqlalchemy", "imapclient", "alembic")}
+    assert not {m for m in imported if m.split(".")[0] in ("sqlalchemy", "imapclient", "alembic", "click")}
+    assert "balf.cli.shortcut" in imported  # answered by the entry point, before click
     assert _job(config) == before  # nothing written: the full path would have set finished_at
     assert sum(len(v) for v in fetch_all(target).values()) == 4
 

@@ -42,7 +42,8 @@ def test_a_wrong_configuration_is_one_line_and_exit_2(
 ) -> None:
     config = tmp_path / "balf.toml"
     config.write_text(toml)
-    for command in (["db", "current"], ["serve"], ["service", "list"]):
+    # `bascule run` is first tried by the entry point's shortcut, before click: same words, same code.
+    for command in (["db", "current"], ["serve"], ["service", "list"], ["bascule", "run", "-d", "33"]):
         result = balf("--config", str(config), *command, env=environ)
         assert result.returncode == 2, result
         assert expected in result.stderr

@@ -6,7 +6,7 @@ import importlib
 
 import click
 
-from balf.cli.main import COMMANDS
+from balf.cli.group import COMMANDS
 
 
 def test_every_listed_command_loads_under_its_name() -> None:

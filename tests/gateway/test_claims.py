@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
-from balf.cli.main import cli
+from balf.cli.group import cli
 from balf.db.engine import create_engine, session_factory
 from balf.db.models import Message, NotificationOutbox, Service, ServiceAddress, ServiceKind, SpoolEntry, SpoolState
 from balf.gateway.daemon import make_store

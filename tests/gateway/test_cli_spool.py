@@ -8,7 +8,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from balf.cli.main import cli
+from balf.cli.group import cli
 from balf.db.engine import create_engine
 from balf.gateway.ledger import SqlLedger
 from balf.gateway.model import Envelope, SpooledMessage

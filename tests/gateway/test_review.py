@@ -21,7 +21,7 @@ from typing import Any
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from balf.cli.main import cli
+from balf.cli.group import cli
 from balf.db.engine import session_factory
 from balf.db.models import Message, Service, ServiceAddress, ServiceKind, SpoolState, Thread
 from balf.gateway import tokens
