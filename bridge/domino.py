@@ -34,9 +34,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from balf.bridge import store
-from balf.bridge.campaign import DOMINO_DETECTED, DOMINO_EVIDENCE, parse_options
 from balf.bridge.errors import BridgeError, SourceUnavailable
-from balf.bridge.model import MailboxOptions
+from balf.bridge.options import DOMINO_DETECTED, DOMINO_EVIDENCE, MailboxOptions, parse_options
 from balf.bridge.sources import is_imap, open_source
 from balf.db.models import BasculeJob, BasculeState
 

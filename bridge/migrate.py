@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from balf.bridge import store
-from balf.bridge.campaign import parse_options
 from balf.bridge.errors import (
     BridgeError,
     PermanentFailure,
@@ -38,7 +37,8 @@ from balf.bridge.folders import parents, plan_folders
 from balf.bridge.imap import ImapTarget, TargetInfo
 from balf.bridge.keys import dedup_key
 from balf.bridge.login import TargetAccess
-from balf.bridge.model import FolderPlan, MailboxOptions, SourceDamage, SourceItem, SourceMessage
+from balf.bridge.model import FolderPlan, SourceDamage, SourceItem, SourceMessage
+from balf.bridge.options import MailboxOptions, parse_options
 from balf.bridge.outcome import FolderOutcome, JobOutcome
 from balf.bridge.snapshot import digest, plan_fingerprint, server_state, status_numbers
 from balf.bridge.sources import MailSource, imap_login, is_imap, open_source

@@ -81,26 +81,6 @@ class FolderPlan:
 
 
 @dataclass(frozen=True)
-class MailboxOptions:
-    """Per-mailbox options from the campaign file, validated (see ``campaign.parse_options``)."""
-
-    dedup_local_part: bool = False  # Domino rewrites Message-ID domains: compare the local part only
-    domino: bool | None = None  # what the plan says (None: detected from the source, see bridge.domino)
-    dedup_mode: str = "Message-ID entiers"  # the mode in words, and why: for logs and reports
-    folder_map: tuple[tuple[str, str], ...] = ()  # source path -> target path ("/"-separated)
-    exclude: tuple[str, ...] = ()  # fnmatch patterns on the source path
-    # Never from a plan (refused: the plan is stored); programmatic use only; never in a repr.
-    password: str | None = field(default=None, repr=False)
-    password_env: str | None = None
-    password_file: str | None = None
-    tls: str = "none"
-    names_file: str | None = None  # DXL: Notes name -> Internet address
-    folders_file: str | None = None  # DXL: document UNID -> folder, when the export lacks FolderRefs
-    max_message_size: int | None = None
-    unfiled_folder: str | None = None  # DXL documents in no folder
-
-
-@dataclass(frozen=True)
 class PlannedMailbox:
     """One line of the campaign file."""
 

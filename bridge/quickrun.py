@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from balf.bridge.campaign import DOMINO_DETECTED, parse_options
 from balf.bridge.errors import BridgeError
 from balf.bridge.login import TargetAccess
+from balf.bridge.options import DOMINO_DETECTED, parse_options
 from balf.bridge.outcome import JobOutcome
 from balf.bridge.snapshot import digest, plan_fingerprint, server_state
 from balf.bridge.sources import imap_login, is_imap

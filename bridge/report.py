@@ -14,8 +14,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from balf.bridge.campaign import parse_options
 from balf.bridge.errors import BridgeError
+from balf.bridge.options import parse_options
 from balf.bridge.store import EVIDENCE_REFUSED, EVIDENCE_TAKEN, PRESENT_BEFORE
 from balf.db.models import BasculeFolder, BasculeIssue, BasculeJob
 

@@ -9,11 +9,14 @@ import os
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from balf.bridge.errors import PlanError
 from balf.bridge.login import Login
-from balf.bridge.model import MailboxOptions, SourceFolder, SourceItem
+from balf.bridge.options import MailboxOptions
+
+if TYPE_CHECKING:  # the quick rerun imports this module and needs none of them
+    from balf.bridge.model import SourceFolder, SourceItem
 
 SCHEMES = ("imap", "imaps", "mbox", "maildir", "eml", "dxl")
 

@@ -16,9 +16,9 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from balf.bridge.campaign import INTERNAL_KEYS
 from balf.bridge.errors import PlanError, TemporaryFailure
 from balf.bridge.model import PlannedMailbox
+from balf.bridge.options import INTERNAL_KEYS
 from balf.db.models import BasculeFolder, BasculeIssue, BasculeItem, BasculeJob, BasculeState
 
 Sessions = async_sessionmaker[Any]

@@ -26,13 +26,13 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
 from balf.bridge import store
-from balf.bridge.campaign import parse_options
 from balf.bridge.errors import BridgeError
 from balf.bridge.folders import plan_folders
 from balf.bridge.imap import ImapSource, ImapTarget
 from balf.bridge.keys import dedup_key
 from balf.bridge.login import TargetAccess
 from balf.bridge.model import Difference, FolderPlan, FolderVerdict, SourceDamage
+from balf.bridge.options import parse_options
 from balf.bridge.sources import MailSource, open_source
 from balf.bridge.store import EVIDENCE_TAKEN, PRESENT_BEFORE, IssueRecord, Sessions
 from balf.db.models import BasculeState

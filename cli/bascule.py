@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from balf.bridge.campaign import check_department, parse_campaign
+from balf.bridge.campaign import parse_campaign
 from balf.bridge.errors import BridgeError
 from balf.bridge.login import TargetAccess
+from balf.bridge.options import check_department
 from balf.cli import shortcut
 from balf.cli.context import fail, run_async, state
 from balf.cli.outcomes import mode_line, outcome_lines

@@ -110,8 +110,8 @@ def answer(argv: Sequence[str]) -> int | None:
     arguments = parse_run(argv)
     if arguments is None:
         return None
-    from balf.bridge.campaign import check_department
     from balf.bridge.errors import BridgeError
+    from balf.bridge.options import check_department
     from balf.config.loader import ConfigError, load_config
 
     try:

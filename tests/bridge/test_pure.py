@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from balf.bridge.campaign import check_department, parse_campaign, parse_options
+from balf.bridge.campaign import parse_campaign
 from balf.bridge.dxl import DxlSource, parse_document, read_membership, read_names
 from balf.bridge.errors import PlanError, QuotaExceeded, SourceRefused, SourceUnavailable
 from balf.bridge.files import from_line_date, maildir_flags, mbox_flags, mbox_message, split_mbox
@@ -27,6 +27,7 @@ from balf.bridge.migrate import (
 )
 from balf.bridge.model import Role, SourceDamage, SourceFolder, SourceMessage
 from balf.bridge.notes import NotesDocument, canonical_name, convert_document, notes_address, parse_dxl_datetime
+from balf.bridge.options import check_department, parse_options
 from balf.bridge.progress import rate_line
 from balf.bridge.report import FolderLine, IssueLine, JobReport, render_csv, render_json, render_text
 from balf.bridge.verify import compare_folder

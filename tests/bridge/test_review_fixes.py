@@ -16,10 +16,11 @@ import pytest
 from sqlalchemy import select
 
 from balf.bridge import store
-from balf.bridge.campaign import DOMINO_DETECTED, parse_campaign, parse_options
+from balf.bridge.campaign import parse_campaign
 from balf.bridge.domino import ServerFacts, domino_evidence, facts_from_transcript, settle_modes
 from balf.bridge.errors import PlanError, SourceUnavailable
 from balf.bridge.model import PlannedMailbox
+from balf.bridge.options import DOMINO_DETECTED, parse_options
 from balf.bridge.verify import compare_folder, difference_issues
 from balf.db.engine import create_engine, session_factory
 from balf.db.models import BasculeIssue, BasculeJob
