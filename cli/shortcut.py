@@ -62,11 +62,11 @@ def parse_run(argv: Sequence[str]) -> RunArguments | None:
     rest = args[2:]
     while rest:
         token = rest.pop(0)
-        name, _, attached = token.partition("=") if token.startswith("--") else (token, "", "")
-        if name in _FLAGS and not attached:
+        name, equals, attached = token.partition("=") if token.startswith("--") else (token, "", "")
+        if name in _FLAGS and not equals:
             flags.add(_FLAGS[name])
         elif name in _VALUED:
-            if attached:
+            if equals:
                 value = attached
             elif rest and not rest[0].startswith("-"):
                 value = rest.pop(0)

@@ -28,6 +28,8 @@ REFUSED = [
     ["bascule", "run", "-d", "33", "--parallel", "65"],
     ["bascule", "run", "-d", "33", "--connections", "x"],
     ["bascule", "run", "-d", "33", "--again=yes"],
+    ["bascule", "run", "-d", "33", "--again="],
+    ["bascule", "run", "--department=", "33"],  # click reads an empty department, then a stray 33
     ["bascule", "run", "-d", "33", "extra"],
     ["bascule", "run", "-d", "-m"],
     ["bascule", "status", "-d", "33"],
