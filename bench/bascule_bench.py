@@ -287,10 +287,11 @@ def second_pass(cmd: list[str], env: dict[str, str] | None = None, repeat: int =
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        subprocess.run(
-            cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True
-        )
+        done = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, check=False)
         times.append(time.perf_counter() - start)
+        if done.returncode != 0:
+            tail = (done.stdout + done.stderr).decode("utf-8", "replace")[-800:]
+            raise RuntimeError(f"second pass: {cmd[0]} exited {done.returncode}: {tail}")
     return statistics.median(times)
 
 

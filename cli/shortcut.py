@@ -80,7 +80,7 @@ def parse_run(argv: Sequence[str]) -> RunArguments | None:
         return None
     for key, (low, high) in _RANGES.items():
         for value in values.get(key, []):
-            if not value.isdigit() or not low <= int(value) <= high:
+            if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
                 return None
     parallel = values.get("parallel")
     return RunArguments(
@@ -106,6 +106,14 @@ def target_access(config: Config) -> TargetAccess:
 
 def answer(argv: Sequence[str]) -> int | None:
     """The exit code when an unchanged rerun was answered here; None: let click run the command."""
+    try:
+        return _answer(argv)
+    except KeyboardInterrupt:
+        print("balf: interrupted", file=sys.stderr)
+        return 130
+
+
+def _answer(argv: Sequence[str]) -> int | None:
     global attempted
     arguments = parse_run(argv)
     if arguments is None:
@@ -124,16 +132,31 @@ def answer(argv: Sequence[str]) -> int | None:
 
     attempted = True
     width = arguments.parallel or config.bascule.mailboxes_in_parallel
-    try:
-        quick = quick_rerun(
-            config.database_url, department, arguments.mailboxes, arguments.again, target_access(config), width
-        )
-    except KeyboardInterrupt:
-        print("balf: interrupted", file=sys.stderr)
-        return 130
+    quick = quick_rerun(
+        config.database_url, department, arguments.mailboxes, arguments.again, target_access(config), width
+    )
     if quick is None:
         return None
     lines = [(mode_line(mailbox, mode), False) for mailbox, mode in quick.notes]
-    for line, to_stderr in lines + outcome_lines(quick.outcomes, dry_run=False):
-        print(line, file=sys.stderr if to_stderr else sys.stdout)
+    return _print(lines + outcome_lines(quick.outcomes, dry_run=False))
+
+
+def _print(lines: Sequence[tuple[str, bool]]) -> int:
+    """Write the lines as click.echo would: UTF-8 whatever the locale says, and a reader that
+    closes the pipe early ends the command quietly with 1, not with a traceback."""
+    try:
+        for line, to_stderr in lines:
+            stream = sys.stderr if to_stderr else sys.stdout
+            raw = getattr(stream, "buffer", None)
+            if raw is None:  # a replaced stream (a test's StringIO): it takes text
+                stream.write(line + "\n")
+                continue
+            stream.flush()
+            raw.write(line.encode("utf-8") + b"\n")
+            raw.flush()
+    except BrokenPipeError:
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
     return 0

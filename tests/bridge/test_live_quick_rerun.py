@@ -94,6 +94,11 @@ def test_unchanged_rerun_needs_neither_sqlalchemy_nor_a_write(tmp_path: Path, do
     assert not {m for m in imported if m.split(".")[0] in ("sqlalchemy", "imapclient", "alembic", "click")}
     assert "balf.cli.shortcut" in imported  # answered by the entry point, before click
     assert _job(config) == before  # nothing written: the full path would have set finished_at
+
+    # A locale that cannot spell "migrée" gets UTF-8, as click.echo gives it, not a traceback.
+    ascii_out = _run_process(config, {**env, "PYTHONIOENCODING": "ascii"})
+    assert ascii_out.returncode == 0, ascii_out.stderr[-2000:]
+    assert "sip: migrée - 0 copiés" in ascii_out.stdout
     assert sum(len(v) for v in fetch_all(target).values()) == 4
 
 

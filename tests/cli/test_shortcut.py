@@ -27,6 +27,8 @@ REFUSED = [
     ["bascule", "run", "-d", "33", "--parallel", "0"],
     ["bascule", "run", "-d", "33", "--parallel", "65"],
     ["bascule", "run", "-d", "33", "--connections", "x"],
+    ["bascule", "run", "-d", "33", "--parallel", "\u00b2"],  # a digit to str.isdigit, not to int()
+    ["bascule", "run", "-d", "33", "--parallel", "\u0664"],  # an Arabic-Indic 4: left to click
     ["bascule", "run", "-d", "33", "--again=yes"],
     ["bascule", "run", "-d", "33", "--again="],
     ["bascule", "run", "--department=", "33"],  # click reads an empty department, then a stray 33
