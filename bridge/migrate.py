@@ -17,8 +17,6 @@ import asyncio
 import datetime as dt
 import logging
 import math
-import os
-import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,6 +34,7 @@ from balf.bridge.errors import (
 from balf.bridge.folders import parents, plan_folders
 from balf.bridge.imap import ImapTarget, TargetInfo
 from balf.bridge.keys import dedup_key
+from balf.bridge.lease import take_job, worker_name
 from balf.bridge.login import TargetAccess
 from balf.bridge.model import FolderPlan, SourceDamage, SourceItem, SourceMessage
 from balf.bridge.options import MailboxOptions, parse_options
@@ -58,7 +57,7 @@ class RunSettings:
     batch_bytes: int = 8 * 1024 * 1024
     max_message_size: int = 52428800
     dry_run: bool = False
-    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    worker: str = field(default_factory=worker_name)
     lease: dt.timedelta = dt.timedelta(minutes=10)
 
 
@@ -104,22 +103,6 @@ def connections_for(plan: FolderPlan, settings: RunSettings) -> int:
         math.ceil((count or 0) / max(1, settings.batch_messages)),
     )
     return max(1, min(settings.connections, batches))
-
-
-def holder_is_dead(holder: str, me: str) -> bool:
-    """True when ``holder`` ("host:pid") is a process of this host that no longer exists (a run
-    killed with -9 or by a power cut): its lease need not be waited for."""
-    host, _, pid = holder.rpartition(":")
-    my_host = me.rpartition(":")[0]
-    if host != my_host or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 class BatchReader:
@@ -574,15 +557,7 @@ async def run_job(
     progress = progress or NoProgress()
     job = await store.load_job(sessions, job_id)
     started = time.monotonic()
-    if (
-        not settings.dry_run
-        and not await store.claim_job(sessions, job.id, settings.worker, settings.lease)
-        and not (
-            job.claimed_by
-            and holder_is_dead(job.claimed_by, settings.worker)
-            and await store.take_over_job(sessions, job.id, settings.worker, job.claimed_by, settings.lease)
-        )
-    ):
+    if not settings.dry_run and not await take_job(sessions, job, settings.worker, settings.lease):
         return JobOutcome(
             job.department,
             job.mailbox,

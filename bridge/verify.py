@@ -22,6 +22,7 @@ A mailbox is "vérifiée" only when every difference is explained.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -30,12 +31,15 @@ from balf.bridge.errors import BridgeError
 from balf.bridge.folders import plan_folders
 from balf.bridge.imap import ImapSource, ImapTarget
 from balf.bridge.keys import dedup_key
+from balf.bridge.lease import take_job, worker_name
 from balf.bridge.login import TargetAccess
 from balf.bridge.model import Difference, FolderPlan, FolderVerdict, SourceDamage
 from balf.bridge.options import parse_options
 from balf.bridge.sources import MailSource, open_source
 from balf.bridge.store import EVIDENCE_TAKEN, PRESENT_BEFORE, IssueRecord, Sessions
-from balf.db.models import BasculeState
+from balf.db.models import BasculeJob, BasculeState
+
+DEFAULT_LEASE = dt.timedelta(minutes=10)  # as bascule.lease_seconds defaults
 
 # What verify writes (and replaces on each verification); the first three block "vérifiée".
 UNEXPLAINED_KINDS = ("manquant_cible", "en_plus_cible", "double_cible")
@@ -142,10 +146,36 @@ def _source_keys(source: MailSource, plan: FolderPlan, local: bool) -> tuple[lis
     return keys, damaged
 
 
-async def verify_job(sessions: Sessions, job_id: int, access: TargetAccess) -> tuple[list[FolderVerdict], str | None]:
+async def verify_job(
+    sessions: Sessions,
+    job_id: int,
+    access: TargetAccess,
+    *,
+    lease: dt.timedelta = DEFAULT_LEASE,
+    worker: str | None = None,
+) -> tuple[list[FolderVerdict], str | None]:
     """Verify one job, record the verdict (state vérifiée, target counts, issues); returns the
-    verdicts and an error line when the verification itself could not be done."""
+    verdicts and an error line when the verification itself could not be done.
+
+    It holds the job's lease while it works, like a run (``balf.bridge.lease``): a mailbox being
+    copied is not verified, and it is not copied while being verified."""
     job = await store.load_job(sessions, job_id)
+    worker = worker or worker_name()
+    if not await take_job(sessions, job, worker, lease):
+        return [], (
+            f"{job.mailbox}: copie en cours sur un autre poste ({job.claimed_by}); "
+            f"vérifier une fois la copie finie"
+        )
+    try:
+        job = await store.load_job(sessions, job_id)  # as it is now that nobody else can change it
+        return await _verify_held(sessions, job, access, lease, worker)
+    finally:
+        await store.release_job(sessions, job.id, worker)
+
+
+async def _verify_held(
+    sessions: Sessions, job: BasculeJob, access: TargetAccess, lease: dt.timedelta, worker: str
+) -> tuple[list[FolderVerdict], str | None]:
     options = parse_options(dict(job.options or {}), f"mailbox {job.mailbox}")
     local = options.dedup_local_part
     source: MailSource | None = None
@@ -181,6 +211,8 @@ async def verify_job(sessions: Sessions, job_id: int, access: TargetAccess) -> t
         verdicts: list[FolderVerdict] = []
         new_issues: list[IssueRecord] = []
         for name, group in by_target.items():
+            if not await store.claim_job(sessions, job.id, worker, lease):  # renewed folder by folder
+                raise BridgeError(f"{job.mailbox}: the lease was taken by another process during verification")
             source_keys: list[str] = []
             for plan in group:
                 keys, _damaged = await asyncio.to_thread(_source_keys, opened, plan, local)

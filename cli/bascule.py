@@ -339,7 +339,9 @@ def verify_command(ctx: click.Context, department: str, mailboxes: tuple[str, ..
             if job.state is BasculeState.PLANIFIEE:
                 results.append((job.mailbox, None, "pas encore migrée"))
                 continue
-            verdicts, error = await verify_job(sessions, job.id, _access(config))
+            verdicts, error = await verify_job(
+                sessions, job.id, _access(config), lease=dt.timedelta(seconds=config.bascule.lease_seconds)
+            )
             results.append((job.mailbox, verdicts, error))
         return results, await _snapshots(sessions, dept, mailboxes)
 

@@ -191,3 +191,57 @@ def test_a_target_folder_deleted_while_the_run_ends_gets_no_digest(
     assert "sqlalchemy" in _imported(again.stderr)  # no digest: the full path, which refills it
     assert "1 copiés" in again.stdout, again.stdout + again.stderr[-1500:]
     assert len(fetch_all(target)["Réclamations/Été 2024"]) == 1
+
+
+def _claims(db_url: str) -> list[tuple[str | None, dt.datetime | None]]:
+    from sqlalchemy import select
+
+    from balf.db.engine import create_engine
+    from balf.db.models import BasculeJob
+
+    async def go() -> list[tuple[str | None, dt.datetime | None]]:
+        engine = create_engine(db_url)
+        async with engine.connect() as conn:
+            rows = (await conn.execute(select(BasculeJob.claimed_by, BasculeJob.claimed_until))).all()
+        await engine.dispose()
+        return [(r[0], r[1]) for r in rows]
+
+    return asyncio.run(go())
+
+
+def test_verify_and_run_never_work_on_one_mailbox_at_once(tmp_path: Path, dovecot, db_url: str, monkeypatch) -> None:
+    """A message appended by a run between verify's two listings would look missing, be
+    forgotten, and be copied twice: verify holds the mailbox's lease as a run does."""
+    from balf.bridge import verify
+
+    _source, target, config, env, _uri = _migrated(tmp_path, dovecot, db_url, "lease")
+
+    # Another machine's run holds the mailbox: verify says so, changes nothing, exits 1.
+    until = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+    _set_jobs(db_url, claimed_by="autre-poste:1", claimed_until=until)
+    held = balf(config, "bascule", "verify", "-d", "33", "-o", str(tmp_path / "r"), env=env)
+    assert held.exit_code == 1
+    assert "sip: NON VÉRIFIÉE - sip: copie en cours sur un autre poste (autre-poste:1)" in held.output
+    assert _job(config)["state"] == "migrée"
+    assert _claims(db_url)[0][0] == "autre-poste:1"
+
+    # While verify works, a run started from another process is turned away (75), and the
+    # lease is released when verify ends: the next run proceeds.
+    _set_jobs(db_url, claimed_by=None, claimed_until=None)
+    during: list[subprocess.CompletedProcess[str]] = []
+    read_source = verify._source_keys
+
+    def source_keys_then_a_run(*args, **kwargs):
+        if not during:
+            during.append(_run_process(config, env))
+        return read_source(*args, **kwargs)
+
+    monkeypatch.setattr(verify, "_source_keys", source_keys_then_a_run)
+    verified = balf(config, "bascule", "verify", "-d", "33", "-o", str(tmp_path / "r"), env=env)
+    assert verified.exit_code == 0, verified.output
+    assert during[0].returncode == 75, during[0].stdout + during[0].stderr[-1500:]
+    assert "déjà en cours sur un autre poste" in during[0].stdout + during[0].stderr
+    assert _claims(db_url)[0][1] is None  # released
+    after = _run_process(config, env, "--again")
+    assert after.returncode == 0 and "sip: vérifiée - 0 copiés" in after.stdout, after.stdout + after.stderr[-1500:]
+    assert sum(len(v) for v in fetch_all(target).values()) == 4

@@ -16,12 +16,12 @@ from balf.bridge.files import from_line_date, maildir_flags, mbox_flags, mbox_me
 from balf.bridge.folders import parents, plan_folders, target_name
 from balf.bridge.imap import ImapSource, Login, appended_uids, parse_uid_set
 from balf.bridge.keys import date_header, dedup_key, message_id, to_crlf
+from balf.bridge.lease import holder_is_dead
 from balf.bridge.migrate import (
     BatchReader,
     RunSettings,
     connections_for,
     ended_state,
-    holder_is_dead,
     split_evenly,
     storable_flags,
 )

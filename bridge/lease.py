@@ -1,0 +1,49 @@
+"""Who holds a mailbox: one run or one verification at a time (I/O: the database, os.kill).
+
+A run and a verification of the same mailbox must not interleave: verify forgets the keys of
+messages it finds missing so that the next run copies them again, and a message a run appends
+between verify's two listings would look missing, be forgotten, and be copied twice. Both take
+the job's lease (``bascule_jobs.claimed_by`` / ``claimed_until``) for their whole work.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+
+from balf.bridge import store
+from balf.db.models import BasculeJob
+
+
+def worker_name() -> str:
+    """This process as a lease holder: "host:pid" (what ``holder_is_dead`` can check)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def holder_is_dead(holder: str, me: str) -> bool:
+    """True when ``holder`` ("host:pid") is a process of this host that no longer exists (a run
+    killed with -9 or by a power cut): its lease need not be waited for."""
+    host, _, pid = holder.rpartition(":")
+    my_host = me.rpartition(":")[0]
+    if host != my_host or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+async def take_job(sessions: store.Sessions, job: BasculeJob, worker: str, lease: dt.timedelta) -> bool:
+    """Claim ``job`` for ``worker``, or take it over from a holder of this host that died;
+    False when another process holds it."""
+    if await store.claim_job(sessions, job.id, worker, lease):
+        return True
+    return bool(
+        job.claimed_by
+        and holder_is_dead(job.claimed_by, worker)
+        and await store.take_over_job(sessions, job.id, worker, job.claimed_by, lease)
+    )
