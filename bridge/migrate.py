@@ -318,32 +318,31 @@ class MailboxRun:
         name = plan.target
         if resumed is None and await self.unchanged(plan, self.recorded_folders.get(plan.source.display)):
             return FolderOutcome(plan.source.display, name)
-        row = await store.folder_row(sessions, job.id, plan.source.display, name, create=not settings.dry_run)
-        if not settings.dry_run:
-            await self.open_targets(connections_for(plan, settings))  # the others, now that there may be work
-        primary = self.targets[0]
         created = False
-        if not settings.dry_run:
+        if settings.dry_run:
+            row = await store.folder_row(sessions, job.id, plan.source.display, name, create=False)
+            permanent: Sequence[str] = ("\\*",)
+        else:
+            await self.open_targets(connections_for(plan, settings))  # the others, now that there may be work
+            primary = self.targets[0]
             created = await asyncio.to_thread(primary.ensure_folder, name, parents(name, self.info.delimiter))
             selected = await asyncio.to_thread(primary.select, name)
-            validity = selected["uidvalidity"]
-            if row.target_uidvalidity is not None and row.target_uidvalidity != validity:
-                await store.reset_target_uids(sessions, row.id, validity)
-                await store.add_issues(
-                    sessions,
-                    job.id,
-                    [
-                        IssueRecord(
-                            plan.source.display,
-                            name,
-                            "uidvalidity_cible",
-                            "le dossier cible a été recréé (UIDVALIDITY changé): présence relue dans la cible",
-                        )
-                    ],
-                )
-                row.checkpoint = None
-            elif row.target_uidvalidity is None:
-                await store.set_target_uidvalidity(sessions, row.id, validity)
+            # One transaction for the folder's row, its UIDVALIDITY (a recreated target folder
+            # is learnt again from the target) and what the rest of the setup needs to know.
+            prepared = await store.prepare_folder(
+                sessions,
+                job.id,
+                plan.source.display,
+                name,
+                selected["uidvalidity"],
+                IssueRecord(
+                    plan.source.display,
+                    name,
+                    "uidvalidity_cible",
+                    "le dossier cible a été recréé (UIDVALIDITY changé): présence relue dans la cible",
+                ),
+            )
+            row = prepared.row
             if plan.source.estimated_count == 0 and self.source.kind == "imap":
                 # Empty at the source when listed (IMAP STATUS; a file or DXL source may still
                 # have damage to report): the folder exists, subscribed and
@@ -353,19 +352,18 @@ class MailboxRun:
                 return FolderOutcome(plan.source.display, name, created=created)
             permanent = selected["permanentflags"]
             before: list[tuple[int, str, int]] | None = None
-            if not await store.evidence_settled(sessions, job.id, name):
+            if not prepared.evidence_settled:
                 # Before balf's first APPEND to this target folder (whichever source folder
                 # feeds it): what it holds now was there before the bascule.
                 before = await asyncio.to_thread(primary.keys_after, name, 0, local_part_only=local)
                 await store.take_evidence(sessions, job.id, name, before)
-            after = await store.max_target_uid(sessions, row.id)
+            after = prepared.last_target_uid
             if before is not None and after == 0:
                 present = before
             else:
                 present = await asyncio.to_thread(primary.keys_after, name, after, local_part_only=local)
-            await store.record_present(sessions, row.id, present)
-        else:
-            permanent = ("\\*",)
+            if present:
+                await store.record_present(sessions, row.id, present)
 
         items = iter(self.source.messages(plan.source, row.checkpoint))
         outcome = FolderOutcome(plan.source.display, name, created=created)

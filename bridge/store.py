@@ -182,6 +182,44 @@ async def folder_row(
         return row
 
 
+@dataclass(frozen=True)
+class PreparedFolder:
+    """A folder's row as a run starts copying into it, and what its setup found."""
+
+    row: BasculeFolder
+    recreated: bool  # the target folder's UIDVALIDITY changed: its records were dropped
+    evidence_settled: bool  # the target folder's evidence was already taken (or refused)
+    last_target_uid: int  # the highest target UID recorded for this folder (0: none)
+
+
+async def prepare_folder(
+    sessions: Sessions, job_id: int, source_name: str, target_name: str, uidvalidity: int, recreated_issue: IssueRecord
+) -> PreparedFolder:
+    """Everything a run records and reads before copying into a folder it has just selected, in
+    one transaction: the folder's row (created when missing), the target's UIDVALIDITY (a new
+    one drops the recorded target UIDs and the checkpoint, and adds ``recreated_issue``),
+    whether the target folder's evidence is settled, and the last recorded target UID."""
+    async with sessions() as session, session.begin():
+        row = await session.scalar(
+            select(BasculeFolder).where(BasculeFolder.job_id == job_id, BasculeFolder.source_name == source_name)
+        )
+        if row is None:
+            row = BasculeFolder(job_id=job_id, source_name=source_name, target_name=target_name)
+            session.add(row)
+        row.target_name = target_name
+        recreated = row.target_uidvalidity is not None and row.target_uidvalidity != uidvalidity
+        if recreated:
+            await session.execute(delete(BasculeItem).where(BasculeItem.folder_id == row.id))
+            row.checkpoint = None
+            i = recreated_issue
+            session.add(BasculeIssue(job_id=job_id, folder=i.folder, item=i.item[:1000], kind=i.kind, detail=i.detail))
+        row.target_uidvalidity = uidvalidity
+        await session.flush()
+        settled = await _evidence_marker(session, job_id, target_name) is not None
+        last = await session.scalar(select(func.max(BasculeItem.target_uid)).where(BasculeItem.folder_id == row.id))
+        return PreparedFolder(row, recreated, settled, int(last or 0))
+
+
 async def folders_of(sessions: Sessions, job_id: int) -> list[BasculeFolder]:
     async with sessions() as session:
         return list(
@@ -209,31 +247,6 @@ async def known_keys(sessions: Sessions, folder_id: int, keys: Iterable[str]) ->
                 ).all()
             )
     return found
-
-
-async def max_target_uid(sessions: Sessions, folder_id: int) -> int:
-    async with sessions() as session:
-        value = await session.scalar(select(func.max(BasculeItem.target_uid)).where(BasculeItem.folder_id == folder_id))
-        return int(value or 0)
-
-
-async def reset_target_uids(sessions: Sessions, folder_id: int, uidvalidity: int) -> None:
-    """The target folder was recreated (new UIDVALIDITY): recorded UIDs mean nothing any more,
-    and presence must be learnt again from the target itself."""
-    async with sessions() as session, session.begin():
-        await session.execute(delete(BasculeItem).where(BasculeItem.folder_id == folder_id))
-        await session.execute(
-            update(BasculeFolder)
-            .where(BasculeFolder.id == folder_id)
-            .values(target_uidvalidity=uidvalidity, checkpoint=None)
-        )
-
-
-async def set_target_uidvalidity(sessions: Sessions, folder_id: int, uidvalidity: int) -> None:
-    async with sessions() as session, session.begin():
-        await session.execute(
-            update(BasculeFolder).where(BasculeFolder.id == folder_id).values(target_uidvalidity=uidvalidity)
-        )
 
 
 async def record_present(sessions: Sessions, folder_id: int, present: Sequence[tuple[int, str, int]]) -> int:

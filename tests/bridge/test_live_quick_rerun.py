@@ -122,6 +122,7 @@ def test_every_change_takes_the_full_path_then_quick_again(tmp_path: Path, dovec
     refill = _run_process(config, env)
     assert "2 copiés" in refill.stdout, refill.stdout + refill.stderr[-1500:]
     assert len(fetch_all(target)["Réclamations/Été 2024"]) == 2
+    assert _issue_kinds(db_url).count("uidvalidity_cible") == 1  # said once, in the report
 
     # The plan changes (a folder excluded): the digest covers the plan, the full path decides.
     plan = write_plan(tmp_path, [("sip", uri, target.username, "password_env=SRC_PW exclude=Réclamations*")])
@@ -245,3 +246,19 @@ def test_verify_and_run_never_work_on_one_mailbox_at_once(tmp_path: Path, doveco
     after = _run_process(config, env, "--again")
     assert after.returncode == 0 and "sip: vérifiée - 0 copiés" in after.stdout, after.stdout + after.stderr[-1500:]
     assert sum(len(v) for v in fetch_all(target).values()) == 4
+
+
+def _issue_kinds(db_url: str) -> list[str]:
+    from sqlalchemy import select
+
+    from balf.db.engine import create_engine
+    from balf.db.models import BasculeIssue
+
+    async def go() -> list[str]:
+        engine = create_engine(db_url)
+        async with engine.connect() as conn:
+            kinds = list((await conn.execute(select(BasculeIssue.kind))).scalars())
+        await engine.dispose()
+        return kinds
+
+    return asyncio.run(go())
