@@ -30,6 +30,8 @@ from balf.bridge.options import INTERNAL_KEYS, NO_PASSWORD, OPTION_KEYS, parse_o
 from balf.bridge.sources import validate_uri
 
 REQUIRED = ("mailbox", "source", "target_account")
+
+
 def parse_date(text: str, where: str) -> dt.date | None:
     text = text.strip()
     if not text:

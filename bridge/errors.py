@@ -47,3 +47,9 @@ class QuotaExceeded(PermanentFailure):
     """The mailbox will not fit in the target's quota; nothing was copied."""
 
     exit_code = 113  # the same code as imapsync's EXIT_OVERQUOTA, which operators script against
+
+
+class LeaseLost(TemporaryFailure):
+    """Another process took the mailbox (our lease ran out): stop writing, nothing more is recorded."""
+
+    exit_code = 75  # EX_TEMPFAIL, as for a mailbox already held by another run

@@ -3,17 +3,25 @@
 A run and a verification of the same mailbox must not interleave: verify forgets the keys of
 messages it finds missing so that the next run copies them again, and a message a run appends
 between verify's two listings would look missing, be forgotten, and be copied twice. Both take
-the job's lease (``bascule_jobs.claimed_by`` / ``claimed_until``) for their whole work.
+the job's lease (``bascule_jobs.claimed_by`` / ``claimed_until``) for their whole work, renewed
+in the background so that a long folder does not let it lapse (``held``); what they write that
+depends on it (a batch's record, forgotten keys) is written only while they still hold it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+import logging
 import os
 import socket
+from collections.abc import AsyncIterator
 
 from balf.bridge import store
 from balf.db.models import BasculeJob
+
+log = logging.getLogger(__name__)
 
 
 def worker_name() -> str:
@@ -47,3 +55,26 @@ async def take_job(sessions: store.Sessions, job: BasculeJob, worker: str, lease
         and holder_is_dead(job.claimed_by, worker)
         and await store.take_over_job(sessions, job.id, worker, job.claimed_by, lease)
     )
+
+
+@contextlib.asynccontextmanager
+async def held(sessions: store.Sessions, job_id: int, worker: str, lease: dt.timedelta) -> AsyncIterator[None]:
+    """Renew ``worker``'s lease on the job every third of its length while the body runs. A lost
+    lease is only logged here: the holder's next conditional write raises LeaseLost."""
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(max(1.0, lease.total_seconds() / 3))
+            try:
+                if not await store.renew_job(sessions, job_id, worker, lease):
+                    log.warning("job %s: lease taken by another process; this one stops at its next write", job_id)
+                    return
+            except Exception as exc:  # noqa: BLE001 - a database hiccup: try again at the next beat
+                log.warning("job %s: lease not renewed (%s); trying again", job_id, exc)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

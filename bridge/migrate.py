@@ -14,6 +14,7 @@ checkpoint (``copy_folder_again_on_drop``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import math
@@ -25,6 +26,7 @@ from typing import Protocol
 from balf.bridge import store
 from balf.bridge.errors import (
     BridgeError,
+    LeaseLost,
     PermanentFailure,
     QuotaExceeded,
     TargetRefused,
@@ -34,7 +36,7 @@ from balf.bridge.errors import (
 from balf.bridge.folders import parents, plan_folders
 from balf.bridge.imap import ImapTarget, TargetInfo
 from balf.bridge.keys import dedup_key
-from balf.bridge.lease import take_job, worker_name
+from balf.bridge.lease import held, take_job, worker_name
 from balf.bridge.login import TargetAccess
 from balf.bridge.model import FolderPlan, SourceDamage, SourceItem, SourceMessage
 from balf.bridge.options import MailboxOptions, parse_options
@@ -327,6 +329,12 @@ class MailboxRun:
             primary = self.targets[0]
             created = await asyncio.to_thread(primary.ensure_folder, name, parents(name, self.info.delimiter))
             selected = await asyncio.to_thread(primary.select, name)
+            empty = plan.source.estimated_count == 0 and self.source.kind == "imap"
+            listing: list[tuple[int, str, int]] | None = None
+            if not empty and plan.source.display not in self.recorded_folders:
+                # A folder this job never recorded: its target's evidence is almost surely still
+                # to take, so read it now (before any APPEND) and record it with the row.
+                listing = await asyncio.to_thread(primary.keys_after, name, 0, local_part_only=local)
             # One transaction for the folder's row, its UIDVALIDITY (a recreated target folder
             # is learnt again from the target) and what the rest of the setup needs to know.
             prepared = await store.prepare_folder(
@@ -341,9 +349,10 @@ class MailboxRun:
                     "uidvalidity_cible",
                     "le dossier cible a été recréé (UIDVALIDITY changé): présence relue dans la cible",
                 ),
+                evidence=listing,
             )
             row = prepared.row
-            if plan.source.estimated_count == 0 and self.source.kind == "imap":
+            if empty:
                 # Empty at the source when listed (IMAP STATUS; a file or DXL source may still
                 # have damage to report): the folder exists, subscribed and
                 # recorded, and that is all there is to do. The target's evidence waits for a
@@ -355,8 +364,10 @@ class MailboxRun:
             if not prepared.evidence_settled:
                 # Before balf's first APPEND to this target folder (whichever source folder
                 # feeds it): what it holds now was there before the bascule.
-                before = await asyncio.to_thread(primary.keys_after, name, 0, local_part_only=local)
-                await store.take_evidence(sessions, job.id, name, before)
+                before = listing
+                if before is None:
+                    before = await asyncio.to_thread(primary.keys_after, name, 0, local_part_only=local)
+                    await store.take_evidence(sessions, job.id, name, before)
             after = prepared.last_target_uid
             if before is not None and after == 0:
                 present = before
@@ -566,6 +577,15 @@ async def run_job(
             75,
         )
     run = MailboxRun(sessions, job, settings, access, progress)
+    holding = (
+        held(sessions, job.id, settings.worker, settings.lease) if not settings.dry_run else contextlib.nullcontext()
+    )
+    async with holding:
+        return await _run_held(run, settings, progress, started)
+
+
+async def _run_held(run: MailboxRun, settings: RunSettings, progress: Progress, started: float) -> JobOutcome:
+    sessions, job = run.sessions, run.job
     folders: list[FolderOutcome] = []
     current: FolderPlan | None = None
     try:
@@ -605,15 +625,15 @@ async def run_job(
             final = ended_state(job.state, folders, remarks)
             if rerun_digest is None:  # cannot show nothing moved (a verify may have rewound a checkpoint)
                 final = BasculeState.MIGREE
-            await store.set_job(
+            await store.finish_job(
                 sessions,
                 job.id,
+                settings.worker,
                 state=final,
                 finished_at=store.utcnow(),
                 messages_total=max(fresh.messages_total, fresh.messages_copied, total),
                 rerun_digest=rerun_digest,
             )
-            await store.release_job(sessions, job.id, settings.worker)
         outcome = JobOutcome(
             job.department,
             job.mailbox,
@@ -633,8 +653,8 @@ async def run_job(
         else:  # a bug: keep the traceback in the log, the coordinator gets one line
             log.exception("bascule of %s failed", job.mailbox)
             message, code = f"{job.mailbox}: erreur interne {type(exc).__name__}: {exc}", 1
-        if not settings.dry_run:
-            await store.set_job(sessions, job.id, state=BasculeState.EN_ERREUR, last_error=message, claimed_until=None)
+        if not settings.dry_run and not isinstance(exc, LeaseLost):  # else the job is another's now
+            await store.finish_job(sessions, job.id, settings.worker, state=BasculeState.EN_ERREUR, last_error=message)
         outcome = JobOutcome(
             job.department,
             job.mailbox,

@@ -16,7 +16,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from balf.bridge.errors import PlanError, TemporaryFailure
+from balf.bridge.errors import LeaseLost, PlanError, TemporaryFailure
 from balf.bridge.model import PlannedMailbox
 from balf.bridge.options import INTERNAL_KEYS
 from balf.db.models import BasculeFolder, BasculeIssue, BasculeItem, BasculeJob, BasculeState
@@ -142,8 +142,35 @@ async def take_over_job(sessions: Sessions, job_id: int, worker: str, previous: 
         return bool(result.rowcount)
 
 
+async def renew_job(sessions: Sessions, job_id: int, worker: str, lease: dt.timedelta) -> bool:
+    """Extend ``worker``'s lease; False when another process holds the job now (the lease ran
+    out and was taken): the holder must stop writing."""
+    async with sessions() as session, session.begin():
+        return await _renew(session, job_id, worker, lease)
+
+
+async def _renew(session: Any, job_id: int, worker: str, lease: dt.timedelta) -> bool:
+    result = await session.execute(
+        update(BasculeJob)
+        .where(BasculeJob.id == job_id, BasculeJob.claimed_by == worker)
+        .values(claimed_until=utcnow() + lease)
+    )
+    return bool(result.rowcount)
+
+
 async def release_job(sessions: Sessions, job_id: int, worker: str) -> None:
     async with sessions() as session, session.begin():
+        await session.execute(
+            update(BasculeJob)
+            .where(BasculeJob.id == job_id, BasculeJob.claimed_by == worker)
+            .values(claimed_until=None)
+        )
+
+
+async def finish_job(sessions: Sessions, job_id: int, worker: str, **values: Any) -> None:
+    """The run's last word on the job (``values``) and the release of its lease, one transaction."""
+    async with sessions() as session, session.begin():
+        await session.execute(update(BasculeJob).where(BasculeJob.id == job_id).values(**values))
         await session.execute(
             update(BasculeJob)
             .where(BasculeJob.id == job_id, BasculeJob.claimed_by == worker)
@@ -193,12 +220,22 @@ class PreparedFolder:
 
 
 async def prepare_folder(
-    sessions: Sessions, job_id: int, source_name: str, target_name: str, uidvalidity: int, recreated_issue: IssueRecord
+    sessions: Sessions,
+    job_id: int,
+    source_name: str,
+    target_name: str,
+    uidvalidity: int,
+    recreated_issue: IssueRecord,
+    evidence: Sequence[tuple[int, str, int]] | None = None,
 ) -> PreparedFolder:
     """Everything a run records and reads before copying into a folder it has just selected, in
     one transaction: the folder's row (created when missing), the target's UIDVALIDITY (a new
     one drops the recorded target UIDs and the checkpoint, and adds ``recreated_issue``),
-    whether the target folder's evidence is settled, and the last recorded target UID."""
+    whether the target folder's evidence is settled, and the last recorded target UID.
+
+    ``evidence``, the target folder's listing read before any APPEND of this run, is taken as
+    :func:`take_evidence` would when the evidence was not settled yet (``evidence_settled``
+    then says False: the caller knows its listing was used)."""
     async with sessions() as session, session.begin():
         row = await session.scalar(
             select(BasculeFolder).where(BasculeFolder.job_id == job_id, BasculeFolder.source_name == source_name)
@@ -216,6 +253,8 @@ async def prepare_folder(
         row.target_uidvalidity = uidvalidity
         await session.flush()
         settled = await _evidence_marker(session, job_id, target_name) is not None
+        if not settled and evidence is not None:
+            await _take_evidence(session, job_id, target_name, evidence)
         last = await session.scalar(select(func.max(BasculeItem.target_uid)).where(BasculeItem.folder_id == row.id))
         return PreparedFolder(row, recreated, settled, int(last or 0))
 
@@ -301,46 +340,48 @@ async def take_evidence(
     Returns True when evidence was taken now.
     """
     async with sessions() as session, session.begin():
-        if await _evidence_marker(session, job_id, target_name) is not None:
-            return False
-        same_target = and_(BasculeFolder.job_id == job_id, BasculeFolder.target_name == target_name)
-        progressed = await session.scalar(
-            select(func.count()).where(
-                same_target, or_(BasculeFolder.checkpoint.is_not(None), BasculeFolder.copied > 0)
-            )
-        )
-        recorded = await session.scalar(
-            select(func.count()).where(BasculeItem.folder_id.in_(select(BasculeFolder.id).where(same_target)))
-        )
-        if progressed or recorded:
-            session.add(
-                BasculeIssue(
-                    job_id=job_id,
-                    folder=target_name,
-                    item="",
-                    kind=EVIDENCE_REFUSED,
-                    detail=(
-                        "balf avait déjà copié dans ce dossier cible sans relever ce qu'il contenait avant: "
-                        "aucun message n'y est tenu pour présent avant la bascule, tout message en plus "
-                        "ou en double y sera un écart"
-                    ),
-                )
-            )
-            return False
+        return await _take_evidence(session, job_id, target_name, present)
+
+
+async def _take_evidence(session: Any, job_id: int, target_name: str, present: Sequence[tuple[int, str, int]]) -> bool:
+    if await _evidence_marker(session, job_id, target_name) is not None:
+        return False
+    same_target = and_(BasculeFolder.job_id == job_id, BasculeFolder.target_name == target_name)
+    progressed = await session.scalar(
+        select(func.count()).where(same_target, or_(BasculeFolder.checkpoint.is_not(None), BasculeFolder.copied > 0))
+    )
+    recorded = await session.scalar(
+        select(func.count()).where(BasculeItem.folder_id.in_(select(BasculeFolder.id).where(same_target)))
+    )
+    if progressed or recorded:
         session.add(
             BasculeIssue(
                 job_id=job_id,
                 folder=target_name,
                 item="",
-                kind=EVIDENCE_TAKEN,
-                detail=f"{len(present)} message(s) dans le dossier cible avant toute copie",
+                kind=EVIDENCE_REFUSED,
+                detail=(
+                    "balf avait déjà copié dans ce dossier cible sans relever ce qu'il contenait avant: "
+                    "aucun message n'y est tenu pour présent avant la bascule, tout message en plus "
+                    "ou en double y sera un écart"
+                ),
             )
         )
-        session.add_all(
-            BasculeIssue(job_id=job_id, folder=target_name, item=k[:1000], kind=PRESENT_BEFORE, detail=f"UID {u}")
-            for u, k, _s in present
+        return False
+    session.add(
+        BasculeIssue(
+            job_id=job_id,
+            folder=target_name,
+            item="",
+            kind=EVIDENCE_TAKEN,
+            detail=f"{len(present)} message(s) dans le dossier cible avant toute copie",
         )
-        return True
+    )
+    session.add_all(
+        BasculeIssue(job_id=job_id, folder=target_name, item=k[:1000], kind=PRESENT_BEFORE, detail=f"UID {u}")
+        for u, k, _s in present
+    )
+    return True
 
 
 async def record_batch(
@@ -375,17 +416,18 @@ async def record_batch(
             if checkpoint is not None:
                 values["checkpoint"] = checkpoint
             await session.execute(update(BasculeFolder).where(BasculeFolder.id == folder_id).values(**values))
-            await session.execute(
+            held = await session.execute(
                 update(BasculeJob)
-                .where(BasculeJob.id == job_id)
+                .where(BasculeJob.id == job_id, BasculeJob.claimed_by == worker)
                 .values(
                     messages_copied=BasculeJob.messages_copied + copied,
                     bytes_copied=BasculeJob.bytes_copied + size,
                     errors=BasculeJob.errors + failed,
-                    claimed_by=worker,
                     claimed_until=utcnow() + lease,
                 )
             )
+            if not held.rowcount:  # rolls the batch back: the next run learns it from the target
+                raise LeaseLost("la boîte a été reprise par un autre poste (bail expiré): ce lot n'est pas enregistré")
     except SQLAlchemyError as exc:
         raise TemporaryFailure(f"database error while recording a batch: {exc}") from exc
 
@@ -432,13 +474,21 @@ async def set_folder_source_count(sessions: Sessions, folder_id: int, count: int
         await session.execute(update(BasculeFolder).where(BasculeFolder.id == folder_id).values(source_count=count))
 
 
-async def forget_keys(sessions: Sessions, folder_ids: Sequence[int], keys: Sequence[str]) -> None:
+async def forget_keys(
+    sessions: Sessions,
+    folder_ids: Sequence[int],
+    keys: Sequence[str],
+    holder: tuple[int, str, dt.timedelta] | None = None,
+) -> None:
     """Verification found these keys missing from the target: forget them and rewind the folders'
     checkpoints (and forget the jobs' rerun digest) so the next run reads the source again and
-    copies exactly them."""
+    copies exactly them. ``holder`` (job id, worker, lease): only while that worker holds the
+    job's lease, checked in the same transaction (a run's messages in flight would look missing)."""
     if not keys or not folder_ids:
         return
     async with sessions() as session, session.begin():
+        if holder is not None and not await _renew(session, *holder):
+            raise LeaseLost("la boîte a été reprise par un autre poste pendant la vérification")
         for start in range(0, len(keys), IN_CHUNK):
             await session.execute(
                 delete(BasculeItem).where(

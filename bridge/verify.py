@@ -27,11 +27,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
 from balf.bridge import store
-from balf.bridge.errors import BridgeError
+from balf.bridge.errors import BridgeError, LeaseLost
 from balf.bridge.folders import plan_folders
 from balf.bridge.imap import ImapSource, ImapTarget
 from balf.bridge.keys import dedup_key
-from balf.bridge.lease import take_job, worker_name
+from balf.bridge.lease import held, take_job, worker_name
 from balf.bridge.login import TargetAccess
 from balf.bridge.model import Difference, FolderPlan, FolderVerdict, SourceDamage
 from balf.bridge.options import parse_options
@@ -163,12 +163,12 @@ async def verify_job(
     worker = worker or worker_name()
     if not await take_job(sessions, job, worker, lease):
         return [], (
-            f"{job.mailbox}: copie en cours sur un autre poste ({job.claimed_by}); "
-            f"vérifier une fois la copie finie"
+            f"{job.mailbox}: copie en cours sur un autre poste ({job.claimed_by}); vérifier une fois la copie finie"
         )
     try:
-        job = await store.load_job(sessions, job_id)  # as it is now that nobody else can change it
-        return await _verify_held(sessions, job, access, lease, worker)
+        async with held(sessions, job.id, worker, lease):
+            job = await store.load_job(sessions, job_id)  # as it is now that nobody else can change it
+            return await _verify_held(sessions, job, access, lease, worker)
     finally:
         await store.release_job(sessions, job.id, worker)
 
@@ -211,8 +211,8 @@ async def _verify_held(
         verdicts: list[FolderVerdict] = []
         new_issues: list[IssueRecord] = []
         for name, group in by_target.items():
-            if not await store.claim_job(sessions, job.id, worker, lease):  # renewed folder by folder
-                raise BridgeError(f"{job.mailbox}: the lease was taken by another process during verification")
+            if not await store.renew_job(sessions, job.id, worker, lease):  # and in the background (held)
+                raise LeaseLost(f"{job.mailbox}: reprise par un autre poste pendant la vérification")
             source_keys: list[str] = []
             for plan in group:
                 keys, _damaged = await asyncio.to_thread(_source_keys, opened, plan, local)
@@ -240,6 +240,7 @@ async def _verify_held(
                     sessions,
                     [rows[p.source.display].id for p in group if p.source.display in rows],
                     list(verdict.missing),
+                    holder=(job.id, worker, lease),
                 )
             for plan in group:
                 row = rows.get(plan.source.display)

@@ -189,6 +189,7 @@ async def test_folder_copied_into_without_evidence_takes_none_and_says_so(db_url
         await store.plan_department(sessions, "33", [PlannedMailbox("old", "imap://balf@src33", "old.1", None, {})])
         (job,) = await store.list_jobs(sessions, "33")
         row = await store.folder_row(sessions, job.id, "Contentieux", "Contentieux")
+        assert await store.claim_job(sessions, job.id, "w", dt.timedelta(minutes=5))  # a batch needs the lease
         await store.record_batch(
             sessions,
             job_id=job.id,

@@ -262,3 +262,92 @@ def _issue_kinds(db_url: str) -> list[str]:
         return kinds
 
     return asyncio.run(go())
+
+
+def test_a_run_that_loses_its_lease_stops_and_nothing_is_copied_twice(
+    tmp_path: Path, dovecot, db_url: str, monkeypatch
+) -> None:
+    """Found by review: a run renewed its lease unconditionally at each batch, so after a lapse
+    it took the mailbox back from whoever held it. Now its next record fails, nothing more is
+    written, and the messages already appended are learnt from the target by the next run."""
+    from sqlalchemy import update
+
+    from balf.bridge import migrate
+    from balf.db.engine import create_engine
+    from balf.db.models import BasculeJob
+
+    source, target = new_user(dovecot, "lost-src"), new_user(dovecot, "lost-dst")
+    client = imap(source)
+    for n in range(6):
+        client.append("INBOX", _message(100 + n), msg_time=WHEN)
+    client.logout()
+    config = write_config(tmp_path, db_url, dovecot)
+    uri = f"imap://{source.username}@{source.host}:{source.port}"
+    balf(
+        config,
+        "bascule",
+        "plan",
+        "-d",
+        "33",
+        str(write_plan(tmp_path, [("sip", uri, target.username, "password_env=SRC_PW")])),
+    )
+    env = {"SRC_PW": source.password}
+
+    original = migrate.MailboxRun._copy_batch
+
+    async def taken_during_the_batch(self, *args, **kwargs):
+        async def steal() -> None:  # another machine's run, after our lease lapsed
+            engine = create_engine(db_url)
+            async with engine.begin() as conn:
+                until = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+                await conn.execute(update(BasculeJob).values(claimed_by="autre-poste:1", claimed_until=until))
+            await engine.dispose()
+
+        await steal()
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(migrate.MailboxRun, "_copy_batch", taken_during_the_batch)
+    lost = balf(config, "bascule", "run", "-d", "33", env=env)
+    assert lost.exit_code == 75, lost.output
+    assert "reprise par un autre poste" in lost.output
+    job = _job(config)
+    assert job["state"] == "en cours" and job["messages_copied"] == 0  # nothing written after the loss
+    assert _claims(db_url)[0][0] == "autre-poste:1"  # the holder keeps it
+    appended = sum(len(v) for v in fetch_all(target).values())
+    assert appended == 6  # the batch reached the target before its record was refused
+
+    monkeypatch.setattr(migrate.MailboxRun, "_copy_batch", original)
+    _set_jobs(db_url, claimed_by=None, claimed_until=None)  # the other machine is done
+    again = balf(config, "bascule", "run", "-d", "33", env=env)
+    assert again.exit_code == 0, again.output
+    assert "sip: migrée - 0 copiés, 6 déjà présents" in again.output, again.output  # learnt from the target
+    assert sum(len(v) for v in fetch_all(target).values()) == 6  # each message once
+
+
+def test_a_held_lease_is_renewed_in_the_background_and_stops_when_taken(tmp_path: Path, dovecot, db_url: str) -> None:
+    """A long folder (a big FETCH, a slow target) must not let a run's or verify's lease lapse."""
+    from balf.bridge import store
+    from balf.bridge.lease import held
+    from balf.db.engine import create_engine, session_factory
+
+    _migrated(tmp_path, dovecot, db_url, "beat")
+    lease = dt.timedelta(seconds=3)
+
+    async def go() -> tuple[dt.datetime, dt.datetime, bool]:
+        engine = create_engine(db_url)
+        sessions = session_factory(engine)
+        try:
+            job = (await store.list_jobs(sessions, "33"))[0]
+            assert await store.claim_job(sessions, job.id, "moi:1", lease)
+            first = (await store.load_job(sessions, job.id)).claimed_until
+            async with held(sessions, job.id, "moi:1", lease):
+                await asyncio.sleep(4)  # longer than the lease; the beat comes every second
+            renewed = (await store.load_job(sessions, job.id)).claimed_until
+            taken = await store.claim_job(sessions, job.id, "autre:2", lease)  # not lapsed: refused
+            return first, renewed, taken
+        finally:
+            await engine.dispose()
+
+    first, renewed, taken = asyncio.run(go())
+    assert renewed > first
+    assert not taken
