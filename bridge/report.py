@@ -35,6 +35,7 @@ ISSUE_LABELS = {
     "double_cible": "ÉCART: en double dans la cible",
     "ecart_explique": "écart expliqué",
     "uidvalidity_cible": "dossier cible recréé",
+    "cible_changee": "dossier cible changé par le plan",
     "uidvalidity": "dossier source renuméroté",
     "verification": "vérification impossible",
     EVIDENCE_REFUSED: "aucun relevé de la cible avant copie: tout écart y compte",

@@ -214,7 +214,7 @@ class PreparedFolder:
     """A folder's row as a run starts copying into it, and what its setup found."""
 
     row: BasculeFolder
-    recreated: bool  # the target folder's UIDVALIDITY changed: its records were dropped
+    recreated: bool  # another target folder (new UIDVALIDITY, or moved by the plan): its records were dropped
     evidence_settled: bool  # the target folder's evidence was already taken (or refused)
     last_target_uid: int  # the highest target UID recorded for this folder (0: none)
 
@@ -243,20 +243,32 @@ async def prepare_folder(
         if row is None:
             row = BasculeFolder(job_id=job_id, source_name=source_name, target_name=target_name)
             session.add(row)
-        row.target_name = target_name
-        recreated = row.target_uidvalidity is not None and row.target_uidvalidity != uidvalidity
-        if recreated:
+        recorded = row.target_uidvalidity is not None
+        moved = recorded and row.target_name != target_name  # the plan maps the folder elsewhere now
+        recreated = recorded and not moved and row.target_uidvalidity != uidvalidity
+        if moved or recreated:
+            # What was recorded is about another folder (or another incarnation of it): drop it
+            # and learn presence from this one, even when its UIDVALIDITY happens to be the same.
             await session.execute(delete(BasculeItem).where(BasculeItem.folder_id == row.id))
             row.checkpoint = None
             i = recreated_issue
+            if moved:
+                i = IssueRecord(
+                    source_name,
+                    target_name,
+                    "cible_changee",
+                    f"dossier cible changé par le plan ({row.target_name} -> {target_name}): "
+                    "présence relue dans la nouvelle cible",
+                )
             session.add(BasculeIssue(job_id=job_id, folder=i.folder, item=i.item[:1000], kind=i.kind, detail=i.detail))
+        row.target_name = target_name
         row.target_uidvalidity = uidvalidity
         await session.flush()
         settled = await _evidence_marker(session, job_id, target_name) is not None
         if not settled and evidence is not None:
             await _take_evidence(session, job_id, target_name, evidence)
         last = await session.scalar(select(func.max(BasculeItem.target_uid)).where(BasculeItem.folder_id == row.id))
-        return PreparedFolder(row, recreated, settled, int(last or 0))
+        return PreparedFolder(row, moved or recreated, settled, int(last or 0))
 
 
 async def folders_of(sessions: Sessions, job_id: int) -> list[BasculeFolder]:

@@ -222,3 +222,41 @@ async def test_folder_copied_into_without_evidence_takes_none_and_says_so(db_url
         assert snapshot(job, await store.folders_of(sessions, job.id), issues).found_in_target == 1
     finally:
         await engine.dispose()
+
+
+async def test_a_folder_mapped_to_another_target_forgets_what_it_recorded(db_url: str) -> None:
+    """Found by review: the plan's folder_map changed, and the new target folder happened to have
+    the old one's UIDVALIDITY (servers number by creation time, some always say 1): the folder
+    kept its records and checkpoint and nothing was copied into the new target."""
+    engine = create_engine(db_url)
+    sessions = session_factory(engine)
+    issue = IssueRecord("Contentieux", "Contentieux", "uidvalidity_cible", "recréé")
+    try:
+        await store.plan_department(sessions, "33", [PlannedMailbox("moved", "imap://balf@src33", "m.1", None, {})])
+        (job,) = await store.list_jobs(sessions, "33")
+        assert await store.claim_job(sessions, job.id, "w", dt.timedelta(minutes=5))
+        first = await store.prepare_folder(sessions, job.id, "Contentieux", "Contentieux", 1, issue, evidence=[])
+        assert not first.evidence_settled and first.last_target_uid == 0
+        await store.record_batch(
+            sessions,
+            job_id=job.id,
+            folder_id=first.row.id,
+            items=[("m:c-1@example.org", 7, 100)],
+            skipped=0,
+            failed=0,
+            checkpoint="1:7",
+            issues=[],
+            worker="w",
+            lease=dt.timedelta(minutes=5),
+        )
+        same = await store.prepare_folder(sessions, job.id, "Contentieux", "Contentieux", 1, issue)
+        assert same.last_target_uid == 7 and same.row.checkpoint == "1:7" and not same.recreated
+
+        moved = await store.prepare_folder(sessions, job.id, "Contentieux", "Archives/Contentieux", 1, issue)
+        assert moved.recreated and moved.last_target_uid == 0 and moved.row.checkpoint is None
+        assert moved.row.target_name == "Archives/Contentieux"
+        assert await store.known_keys(sessions, moved.row.id, ["m:c-1@example.org"]) == set()
+        kinds = [i.kind for i in await store.issues_of(sessions, job.id)]
+        assert kinds.count("cible_changee") == 1 and "uidvalidity_cible" not in kinds
+    finally:
+        await engine.dispose()
