@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from balf.bridge import store
 from balf.db.models import BasculeJob
@@ -57,24 +58,34 @@ async def take_job(sessions: store.Sessions, job: BasculeJob, worker: str, lease
     )
 
 
+@dataclass
+class LeaseWatch:
+    """What the background renewal learnt: ``lost`` once another process holds the job."""
+
+    lost: bool = False
+
+
 @contextlib.asynccontextmanager
-async def held(sessions: store.Sessions, job_id: int, worker: str, lease: dt.timedelta) -> AsyncIterator[None]:
-    """Renew ``worker``'s lease on the job every third of its length while the body runs. A lost
-    lease is only logged here: the holder's next conditional write raises LeaseLost."""
+async def held(sessions: store.Sessions, job_id: int, worker: str, lease: dt.timedelta) -> AsyncIterator[LeaseWatch]:
+    """Renew ``worker``'s lease on the job every third of its length while the body runs. A
+    lost lease sets ``LeaseWatch.lost``, which the holder checks before each APPEND; its next
+    conditional write would raise LeaseLost anyway."""
+    watch = LeaseWatch()
 
     async def beat() -> None:
         while True:
             await asyncio.sleep(max(1.0, lease.total_seconds() / 3))
             try:
                 if not await store.renew_job(sessions, job_id, worker, lease):
-                    log.warning("job %s: lease taken by another process; this one stops at its next write", job_id)
+                    watch.lost = True
+                    log.warning("job %s: lease taken by another process or released; no more appends", job_id)
                     return
             except Exception as exc:  # noqa: BLE001 - a database hiccup: try again at the next beat
                 log.warning("job %s: lease not renewed (%s); trying again", job_id, exc)
 
     task = asyncio.create_task(beat())
     try:
-        yield
+        yield watch
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -36,7 +36,7 @@ from balf.bridge.errors import (
 from balf.bridge.folders import parents, plan_folders
 from balf.bridge.imap import ImapTarget, TargetInfo
 from balf.bridge.keys import dedup_key
-from balf.bridge.lease import held, take_job, worker_name
+from balf.bridge.lease import LeaseWatch, held, take_job, worker_name
 from balf.bridge.login import TargetAccess
 from balf.bridge.model import FolderPlan, SourceDamage, SourceItem, SourceMessage
 from balf.bridge.options import MailboxOptions, parse_options
@@ -192,6 +192,7 @@ class MailboxRun:
         self.info: TargetInfo | None = None
         self.folder_outcome: FolderOutcome | None = None  # the folder being copied, so far
         self.recorded_folders: dict[str, BasculeFolder] = {}  # by source name, as the run started
+        self.lease: LeaseWatch | None = None  # set while the job's lease is held (not for a dry run)
 
     async def source_state(self) -> bytes | None:
         """The source's part of the rerun digest (IMAP sources only; not for dry runs)."""
@@ -487,6 +488,9 @@ class MailboxRun:
             chosen.add(key)
             to_copy.append((key, message))
         recorded: list[tuple[str, int | None, int]] = []
+        if to_copy and self.lease is not None and self.lease.lost:
+            # Another process holds the mailbox now: appending would race its own copies.
+            raise LeaseLost("la boîte a été reprise par un autre poste (bail expiré): arrêt avant d'ajouter")
         if to_copy and not self.settings.dry_run:
             chunks = split_evenly(to_copy, len(self.targets))
             results = await asyncio.gather(
@@ -580,7 +584,8 @@ async def run_job(
     holding = (
         held(sessions, job.id, settings.worker, settings.lease) if not settings.dry_run else contextlib.nullcontext()
     )
-    async with holding:
+    async with holding as watch:
+        run.lease = watch
         return await _run_held(run, settings, progress, started)
 
 
@@ -654,7 +659,10 @@ async def _run_held(run: MailboxRun, settings: RunSettings, progress: Progress, 
             log.exception("bascule of %s failed", job.mailbox)
             message, code = f"{job.mailbox}: erreur interne {type(exc).__name__}: {exc}", 1
         if not settings.dry_run and not isinstance(exc, LeaseLost):  # else the job is another's now
-            await store.finish_job(sessions, job.id, settings.worker, state=BasculeState.EN_ERREUR, last_error=message)
+            with contextlib.suppress(LeaseLost):  # lost meanwhile: the holder decides its state
+                await store.finish_job(
+                    sessions, job.id, settings.worker, state=BasculeState.EN_ERREUR, last_error=message
+                )
         outcome = JobOutcome(
             job.department,
             job.mailbox,

@@ -152,7 +152,11 @@ async def renew_job(sessions: Sessions, job_id: int, worker: str, lease: dt.time
 async def _renew(session: Any, job_id: int, worker: str, lease: dt.timedelta) -> bool:
     result = await session.execute(
         update(BasculeJob)
-        .where(BasculeJob.id == job_id, BasculeJob.claimed_by == worker)
+        .where(
+            BasculeJob.id == job_id,
+            BasculeJob.claimed_by == worker,
+            BasculeJob.claimed_until.is_not(None),  # released: a late heartbeat must not take it again
+        )
         .values(claimed_until=utcnow() + lease)
     )
     return bool(result.rowcount)
@@ -167,15 +171,17 @@ async def release_job(sessions: Sessions, job_id: int, worker: str) -> None:
         )
 
 
-async def finish_job(sessions: Sessions, job_id: int, worker: str, **values: Any) -> None:
-    """The run's last word on the job (``values``) and the release of its lease, one transaction."""
+async def finish_job(sessions: Sessions, job_id: int, worker: str, *, release: bool = True, **values: Any) -> None:
+    """The holder's last word on the job (``values``) and, with ``release``, the end of its
+    lease, in one statement; LeaseLost (nothing written) when another process holds the job."""
+    if release:
+        values = {**values, "claimed_until": None}
     async with sessions() as session, session.begin():
-        await session.execute(update(BasculeJob).where(BasculeJob.id == job_id).values(**values))
-        await session.execute(
-            update(BasculeJob)
-            .where(BasculeJob.id == job_id, BasculeJob.claimed_by == worker)
-            .values(claimed_until=None)
+        result = await session.execute(
+            update(BasculeJob).where(BasculeJob.id == job_id, BasculeJob.claimed_by == worker).values(**values)
         )
+        if not result.rowcount:
+            raise LeaseLost("la boîte a été reprise par un autre poste: son état n'est pas modifié")
 
 
 async def set_job(sessions: Sessions, job_id: int, **values: Any) -> None:
@@ -191,7 +197,8 @@ async def folder_row(
         row = await session.scalar(
             select(BasculeFolder).where(BasculeFolder.job_id == job_id, BasculeFolder.source_name == source_name)
         )
-        if row is None and not create:
+        if not create and (row is None or row.target_name != target_name):
+            # A dry run writes nothing; a folder the plan now maps elsewhere starts over there.
             return BasculeFolder(
                 id=-1,
                 job_id=job_id,
@@ -204,8 +211,6 @@ async def folder_row(
             row = BasculeFolder(job_id=job_id, source_name=source_name, target_name=target_name)
             session.add(row)
             await session.flush()
-        elif row.target_name != target_name:
-            row.target_name = target_name
         return row
 
 
@@ -252,7 +257,8 @@ async def prepare_folder(
             await session.execute(delete(BasculeItem).where(BasculeItem.folder_id == row.id))
             row.checkpoint = None
             i = recreated_issue
-            if moved:
+            if moved:  # it starts over in the new target: what it copied was into another folder
+                row.copied = row.skipped = row.failed = row.bytes_copied = 0
                 i = IssueRecord(
                     source_name,
                     target_name,

@@ -247,10 +247,13 @@ async def _verify_held(
                 if row is not None:
                     await store.set_folder_target_count(sessions, row.id, verdict.target_count)
         await store.replace_issues(sessions, job.id, VERIFY_KINDS, new_issues)
+        # Only while still holding the mailbox: a stale "vérifiée" would make later runs skip it.
         if all(v.ok for v in verdicts) and job.state in (BasculeState.MIGREE, BasculeState.VERIFIEE):
-            await store.set_job(sessions, job.id, state=BasculeState.VERIFIEE, verified_at=store.utcnow())
+            await store.finish_job(
+                sessions, job.id, worker, release=False, state=BasculeState.VERIFIEE, verified_at=store.utcnow()
+            )
         elif job.state is BasculeState.VERIFIEE:
-            await store.set_job(sessions, job.id, state=BasculeState.MIGREE, verified_at=None)
+            await store.finish_job(sessions, job.id, worker, release=False, state=BasculeState.MIGREE, verified_at=None)
         return verdicts, None
     except BridgeError as exc:
         await store.replace_issues(

@@ -252,11 +252,18 @@ async def test_a_folder_mapped_to_another_target_forgets_what_it_recorded(db_url
         same = await store.prepare_folder(sessions, job.id, "Contentieux", "Contentieux", 1, issue)
         assert same.last_target_uid == 7 and same.row.checkpoint == "1:7" and not same.recreated
 
+        # A dry run of the new plan writes nothing and sees the folder as starting over.
+        dry = await store.folder_row(sessions, job.id, "Contentieux", "Archives/Contentieux", create=False)
+        assert dry.id == -1 and dry.checkpoint is None
+
         moved = await store.prepare_folder(sessions, job.id, "Contentieux", "Archives/Contentieux", 1, issue)
         assert moved.recreated and moved.last_target_uid == 0 and moved.row.checkpoint is None
         assert moved.row.target_name == "Archives/Contentieux"
         assert await store.known_keys(sessions, moved.row.id, ["m:c-1@example.org"]) == set()
         kinds = [i.kind for i in await store.issues_of(sessions, job.id)]
         assert kinds.count("cible_changee") == 1 and "uidvalidity_cible" not in kinds
+        # It starts over there: what the new folder already holds is its evidence, not refused.
+        assert not moved.evidence_settled
+        assert await store.take_evidence(sessions, job.id, "Archives/Contentieux", [(3, "m:deja@example.org", 10)])
     finally:
         await engine.dispose()

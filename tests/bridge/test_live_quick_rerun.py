@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from balf.db.states import BasculeState
 from tests.bridge.helpers import balf, fetch_all, imap, new_user, write_config, write_plan
 
 pytestmark = pytest.mark.live
@@ -327,6 +328,7 @@ def test_a_run_that_loses_its_lease_stops_and_nothing_is_copied_twice(
 def test_a_held_lease_is_renewed_in_the_background_and_stops_when_taken(tmp_path: Path, dovecot, db_url: str) -> None:
     """A long folder (a big FETCH, a slow target) must not let a run's or verify's lease lapse."""
     from balf.bridge import store
+    from balf.bridge.errors import LeaseLost
     from balf.bridge.lease import held
     from balf.db.engine import create_engine, session_factory
 
@@ -344,6 +346,18 @@ def test_a_held_lease_is_renewed_in_the_background_and_stops_when_taken(tmp_path
                 await asyncio.sleep(4)  # longer than the lease; the beat comes every second
             renewed = (await store.load_job(sessions, job.id)).claimed_until
             taken = await store.claim_job(sessions, job.id, "autre:2", lease)  # not lapsed: refused
+
+            # Released inside the body: a late beat must not take the lease again.
+            async with held(sessions, job.id, "moi:1", lease):
+                await store.finish_job(sessions, job.id, "moi:1", state=BasculeState.MIGREE)
+                await asyncio.sleep(1.5)
+            assert (await store.load_job(sessions, job.id)).claimed_until is None
+
+            # Another process holds it: the last word of the old holder is refused, nothing written.
+            assert await store.claim_job(sessions, job.id, "autre:2", lease)
+            with pytest.raises(LeaseLost):
+                await store.finish_job(sessions, job.id, "moi:1", state=BasculeState.EN_ERREUR)
+            assert (await store.load_job(sessions, job.id)).state is BasculeState.MIGREE
             return first, renewed, taken
         finally:
             await engine.dispose()
@@ -351,3 +365,41 @@ def test_a_held_lease_is_renewed_in_the_background_and_stops_when_taken(tmp_path
     first, renewed, taken = asyncio.run(go())
     assert renewed > first
     assert not taken
+
+
+def test_a_run_that_learns_its_lease_is_lost_appends_nothing_more(
+    tmp_path: Path, dovecot, db_url: str, monkeypatch
+) -> None:
+    """Found by review: a lost lease was only noticed at the batch's record, after its APPEND,
+    which could race the new holder's own copies. The background renewal now stops appends."""
+    from sqlalchemy import update
+
+    from balf.bridge import migrate
+    from balf.db.engine import create_engine
+    from balf.db.models import BasculeJob
+
+    source, target = new_user(dovecot, "gone-src"), new_user(dovecot, "gone-dst")
+    client = imap(source)
+    for n in range(3):
+        client.append("INBOX", _message(200 + n), msg_time=WHEN)
+    client.logout()
+    config = write_config(tmp_path, db_url, dovecot, lease_seconds=3)  # a renewal every second
+    uri = f"imap://{source.username}@{source.host}:{source.port}"
+    plan = write_plan(tmp_path, [("sip", uri, target.username, "password_env=SRC_PW")])
+    balf(config, "bascule", "plan", "-d", "33", str(plan))
+    original = migrate.MailboxRun._copy_batch
+
+    async def taken_then_noticed(self, *args, **kwargs):
+        engine = create_engine(db_url)
+        async with engine.begin() as conn:
+            until = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+            await conn.execute(update(BasculeJob).values(claimed_by="autre-poste:1", claimed_until=until))
+        await engine.dispose()
+        await asyncio.sleep(1.6)  # the next beat finds the lease taken
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(migrate.MailboxRun, "_copy_batch", taken_then_noticed)
+    lost = balf(config, "bascule", "run", "-d", "33", env={"SRC_PW": source.password})
+    assert lost.exit_code == 75, lost.output
+    assert "arrêt avant d'ajouter" in lost.output
+    assert sum(len(v) for v in fetch_all(target).values()) == 0
