@@ -25,17 +25,22 @@ from balf.db.models import BasculeJob
 log = logging.getLogger(__name__)
 
 
-def worker_name() -> str:
-    """This process as a lease holder: "host:pid" (what ``holder_is_dead`` can check)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_name(role: str = "copie") -> str:
+    """This process as a lease holder: "role@host:pid" (what ``holder_is_dead`` can check and
+    ``describe_holder`` can put in words)."""
+    return f"{role}@{socket.gethostname()}:{os.getpid()}"
+
+
+def _host_pid(holder: str) -> tuple[str, str]:
+    host, _, pid = holder.rpartition("@")[2].rpartition(":")  # "host:pid" from older runs too
+    return host, pid
 
 
 def holder_is_dead(holder: str, me: str) -> bool:
-    """True when ``holder`` ("host:pid") is a process of this host that no longer exists (a run
-    killed with -9 or by a power cut): its lease need not be waited for."""
-    host, _, pid = holder.rpartition(":")
-    my_host = me.rpartition(":")[0]
-    if host != my_host or not pid.isdigit():
+    """True when ``holder`` is a process of this host that no longer exists (a run killed with
+    -9 or by a power cut): its lease need not be waited for."""
+    host, pid = _host_pid(holder)
+    if host != _host_pid(me)[0] or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)
@@ -44,6 +49,18 @@ def holder_is_dead(holder: str, me: str) -> bool:
     except PermissionError:
         return False
     return False
+
+
+def describe_holder(holder: str | None) -> str:
+    """Who holds a mailbox, for the coordinator: "une vérification sur poste-12 (processus 4242)"."""
+    if not holder:
+        return "un autre processus"
+    role, at, _rest = holder.partition("@")
+    host, pid = _host_pid(holder)
+    what = {"copie": "une copie", "verification": "une vérification"}.get(role) if at else None
+    if what is None or not pid.isdigit():
+        return f"un autre poste ({holder})"
+    return f"{what} sur {host} (processus {pid})"
 
 
 async def take_job(sessions: store.Sessions, job: BasculeJob, worker: str, lease: dt.timedelta) -> bool:

@@ -36,7 +36,7 @@ from balf.bridge.errors import (
 from balf.bridge.folders import parents, plan_folders
 from balf.bridge.imap import ImapTarget, TargetInfo
 from balf.bridge.keys import dedup_key
-from balf.bridge.lease import LeaseWatch, held, take_job, worker_name
+from balf.bridge.lease import LeaseWatch, describe_holder, held, take_job, worker_name
 from balf.bridge.login import TargetAccess
 from balf.bridge.model import FolderPlan, SourceDamage, SourceItem, SourceMessage
 from balf.bridge.options import MailboxOptions, parse_options
@@ -577,7 +577,7 @@ async def run_job(
             job.state,
             (),
             0.0,
-            f"{job.mailbox}: déjà en cours sur un autre poste ({job.claimed_by})",
+            f"{job.mailbox}: déjà tenue par {describe_holder(job.claimed_by)}",
             75,
         )
     run = MailboxRun(sessions, job, settings, access, progress)

@@ -31,7 +31,7 @@ from balf.bridge.errors import BridgeError, LeaseLost
 from balf.bridge.folders import plan_folders
 from balf.bridge.imap import ImapSource, ImapTarget
 from balf.bridge.keys import dedup_key
-from balf.bridge.lease import held, take_job, worker_name
+from balf.bridge.lease import describe_holder, held, take_job, worker_name
 from balf.bridge.login import TargetAccess
 from balf.bridge.model import Difference, FolderPlan, FolderVerdict, SourceDamage
 from balf.bridge.options import parse_options
@@ -160,10 +160,10 @@ async def verify_job(
     It holds the job's lease while it works, like a run (``balf.bridge.lease``): a mailbox being
     copied is not verified, and it is not copied while being verified."""
     job = await store.load_job(sessions, job_id)
-    worker = worker or worker_name()
+    worker = worker or worker_name("verification")
     if not await take_job(sessions, job, worker, lease):
         return [], (
-            f"{job.mailbox}: copie en cours sur un autre poste ({job.claimed_by}); vérifier une fois la copie finie"
+            f"{job.mailbox}: déjà tenue par {describe_holder(job.claimed_by)}; vérifier une fois qu'elle a fini"
         )
     try:
         async with held(sessions, job.id, worker, lease):

@@ -163,7 +163,7 @@ def test_a_mailbox_held_by_another_run_is_left_to_the_full_path(tmp_path: Path, 
     _set_jobs(db_url, claimed_by="autre-poste:1", claimed_until=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5))
     held = _run_process(config, env)
     assert held.returncode == 75, held.stdout + held.stderr[-1500:]
-    assert "déjà en cours sur un autre poste (autre-poste:1)" in held.stdout + held.stderr
+    assert "sip: déjà tenue par un autre poste (autre-poste:1)" in held.stdout + held.stderr
 
 
 def test_a_target_folder_deleted_while_the_run_ends_gets_no_digest(
@@ -223,7 +223,7 @@ def test_verify_and_run_never_work_on_one_mailbox_at_once(tmp_path: Path, doveco
     _set_jobs(db_url, claimed_by="autre-poste:1", claimed_until=until)
     held = balf(config, "bascule", "verify", "-d", "33", "-o", str(tmp_path / "r"), env=env)
     assert held.exit_code == 1
-    assert "sip: NON VÉRIFIÉE - sip: copie en cours sur un autre poste (autre-poste:1)" in held.output
+    assert "sip: NON VÉRIFIÉE - sip: déjà tenue par un autre poste (autre-poste:1)" in held.output
     assert _job(config)["state"] == "migrée"
     assert _claims(db_url)[0][0] == "autre-poste:1"
 
@@ -242,7 +242,7 @@ def test_verify_and_run_never_work_on_one_mailbox_at_once(tmp_path: Path, doveco
     verified = balf(config, "bascule", "verify", "-d", "33", "-o", str(tmp_path / "r"), env=env)
     assert verified.exit_code == 0, verified.output
     assert during[0].returncode == 75, during[0].stdout + during[0].stderr[-1500:]
-    assert "déjà en cours sur un autre poste" in during[0].stdout + during[0].stderr
+    assert "sip: déjà tenue par une vérification sur " in during[0].stdout + during[0].stderr  # says who
     assert _claims(db_url)[0][1] is None  # released
     after = _run_process(config, env, "--again")
     assert after.returncode == 0 and "sip: vérifiée - 0 copiés" in after.stdout, after.stdout + after.stderr[-1500:]

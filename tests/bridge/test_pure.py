@@ -16,7 +16,7 @@ from balf.bridge.files import from_line_date, maildir_flags, mbox_flags, mbox_me
 from balf.bridge.folders import parents, plan_folders, target_name
 from balf.bridge.imap import ImapSource, Login, appended_uids, parse_uid_set
 from balf.bridge.keys import date_header, dedup_key, message_id, to_crlf
-from balf.bridge.lease import holder_is_dead
+from balf.bridge.lease import describe_holder, holder_is_dead
 from balf.bridge.migrate import (
     BatchReader,
     RunSettings,
@@ -375,6 +375,17 @@ def test_dead_holder() -> None:
     import os
 
     assert not holder_is_dead(f"me:{os.getpid()}", "me:1")
+    assert holder_is_dead("verification@me:999999999", "copie@me:1")  # with the role, and older rows without
+    assert holder_is_dead("me:999999999", "copie@me:1")
+    assert not holder_is_dead("copie@other-host:999999999", "verification@me:1")
+
+
+def test_a_holder_is_described_for_the_coordinator() -> None:
+    assert describe_holder("verification@poste-12:4242") == "une vérification sur poste-12 (processus 4242)"
+    assert describe_holder("copie@poste-12:7") == "une copie sur poste-12 (processus 7)"
+    assert describe_holder("autre-poste:1") == "un autre poste (autre-poste:1)"  # rows of older runs
+    assert describe_holder("x@y") == "un autre poste (x@y)"
+    assert describe_holder(None) == "un autre processus"
 
 
 # --- campaign ------------------------------------------------------------------------------
