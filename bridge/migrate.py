@@ -193,6 +193,9 @@ class MailboxRun:
         self.folder_outcome: FolderOutcome | None = None  # the folder being copied, so far
         self.recorded_folders: dict[str, BasculeFolder] = {}  # by source name, as the run started
         self.lease: LeaseWatch | None = None  # set while the job's lease is held (not for a dry run)
+        # Folders found empty at the source, created in the target, whose rows wait for the end
+        # of the run: (source, target, UIDVALIDITY, issue if the target was recreated).
+        self.empty_folders: dict[str, tuple[str, str, int, IssueRecord]] = {}
 
     async def source_state(self) -> bytes | None:
         """The source's part of the rerun digest (IMAP sources only; not for dry runs)."""
@@ -336,30 +339,28 @@ class MailboxRun:
                 # A folder this job never recorded: its target's evidence is almost surely still
                 # to take, so read it now (before any APPEND) and record it with the row.
                 listing = await asyncio.to_thread(primary.keys_after, name, 0, local_part_only=local)
+            recreated = IssueRecord(
+                plan.source.display,
+                name,
+                "uidvalidity_cible",
+                "le dossier cible a été recréé (UIDVALIDITY changé): présence relue dans la cible",
+            )
+            if empty:
+                # Empty at the source when listed (IMAP STATUS; a file or DXL source may still
+                # have damage to report): the folder exists and is subscribed, and its row is
+                # recorded with the other empty ones at the end of the run, in one transaction
+                # (a crash before that only means doing this again). The target's evidence waits
+                # for a run that has something to append; a message that arrived since the
+                # listing changes the source's STATUS, so the next run (and its digest) sees it.
+                validity = selected["uidvalidity"]
+                self.empty_folders[plan.source.display] = (plan.source.display, name, validity, recreated)
+                return FolderOutcome(plan.source.display, name, created=created)
             # One transaction for the folder's row, its UIDVALIDITY (a recreated target folder
             # is learnt again from the target) and what the rest of the setup needs to know.
             prepared = await store.prepare_folder(
-                sessions,
-                job.id,
-                plan.source.display,
-                name,
-                selected["uidvalidity"],
-                IssueRecord(
-                    plan.source.display,
-                    name,
-                    "uidvalidity_cible",
-                    "le dossier cible a été recréé (UIDVALIDITY changé): présence relue dans la cible",
-                ),
-                evidence=listing,
+                sessions, job.id, plan.source.display, name, selected["uidvalidity"], recreated, evidence=listing
             )
             row = prepared.row
-            if empty:
-                # Empty at the source when listed (IMAP STATUS; a file or DXL source may still
-                # have damage to report): the folder exists, subscribed and
-                # recorded, and that is all there is to do. The target's evidence waits for a
-                # run that has something to append; a message that arrived since the listing
-                # changes the source's STATUS, so the next run (and its digest) sees it.
-                return FolderOutcome(plan.source.display, name, created=created)
             permanent = selected["permanentflags"]
             before: list[tuple[int, str, int]] | None = None
             if not prepared.evidence_settled:
@@ -623,6 +624,7 @@ async def _run_held(run: MailboxRun, settings: RunSettings, progress: Progress, 
         remarks = list(getattr(run.source, "remarks", []))
         final = job.state
         if not settings.dry_run:
+            await store.prepare_folders(sessions, job.id, list(run.empty_folders.values()))
             total = sum(f.seen for f in folders)
             await store.add_issues(sessions, job.id, [IssueRecord("", "", kind, detail) for kind, detail in remarks])
             fresh = await store.load_job(sessions, job.id)

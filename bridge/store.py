@@ -242,39 +242,62 @@ async def prepare_folder(
     :func:`take_evidence` would when the evidence was not settled yet (``evidence_settled``
     then says False: the caller knows its listing was used)."""
     async with sessions() as session, session.begin():
-        row = await session.scalar(
-            select(BasculeFolder).where(BasculeFolder.job_id == job_id, BasculeFolder.source_name == source_name)
-        )
-        if row is None:
-            row = BasculeFolder(job_id=job_id, source_name=source_name, target_name=target_name)
-            session.add(row)
-        recorded = row.target_uidvalidity is not None
-        moved = recorded and row.target_name != target_name  # the plan maps the folder elsewhere now
-        recreated = recorded and not moved and row.target_uidvalidity != uidvalidity
-        if moved or recreated:
-            # What was recorded is about another folder (or another incarnation of it): drop it
-            # and learn presence from this one, even when its UIDVALIDITY happens to be the same.
-            await session.execute(delete(BasculeItem).where(BasculeItem.folder_id == row.id))
-            row.checkpoint = None
-            i = recreated_issue
-            if moved:  # it starts over in the new target: what it copied was into another folder
-                row.copied = row.skipped = row.failed = row.bytes_copied = 0
-                i = IssueRecord(
-                    source_name,
-                    target_name,
-                    "cible_changee",
-                    f"dossier cible changé par le plan ({row.target_name} -> {target_name}): "
-                    "présence relue dans la nouvelle cible",
-                )
-            session.add(BasculeIssue(job_id=job_id, folder=i.folder, item=i.item[:1000], kind=i.kind, detail=i.detail))
-        row.target_name = target_name
-        row.target_uidvalidity = uidvalidity
-        await session.flush()
-        settled = await _evidence_marker(session, job_id, target_name) is not None
-        if not settled and evidence is not None:
-            await _take_evidence(session, job_id, target_name, evidence)
-        last = await session.scalar(select(func.max(BasculeItem.target_uid)).where(BasculeItem.folder_id == row.id))
-        return PreparedFolder(row, moved or recreated, settled, int(last or 0))
+        return await _prepare(session, job_id, source_name, target_name, uidvalidity, recreated_issue, evidence)
+
+
+async def prepare_folders(
+    sessions: Sessions, job_id: int, folders: Sequence[tuple[str, str, int, IssueRecord]]
+) -> list[PreparedFolder]:
+    """:func:`prepare_folder` for several folders (source, target, UIDVALIDITY, issue) in one
+    transaction: the folders a run found empty at the source, recorded together at its end."""
+    if not folders:
+        return []
+    async with sessions() as session, session.begin():
+        return [await _prepare(session, job_id, *folder) for folder in folders]
+
+
+async def _prepare(
+    session: Any,
+    job_id: int,
+    source_name: str,
+    target_name: str,
+    uidvalidity: int,
+    recreated_issue: IssueRecord,
+    evidence: Sequence[tuple[int, str, int]] | None = None,
+) -> PreparedFolder:
+    row = await session.scalar(
+        select(BasculeFolder).where(BasculeFolder.job_id == job_id, BasculeFolder.source_name == source_name)
+    )
+    if row is None:
+        row = BasculeFolder(job_id=job_id, source_name=source_name, target_name=target_name)
+        session.add(row)
+    recorded = row.target_uidvalidity is not None
+    moved = recorded and row.target_name != target_name  # the plan maps the folder elsewhere now
+    recreated = recorded and not moved and row.target_uidvalidity != uidvalidity
+    if moved or recreated:
+        # What was recorded is about another folder (or another incarnation of it): drop it
+        # and learn presence from this one, even when its UIDVALIDITY happens to be the same.
+        await session.execute(delete(BasculeItem).where(BasculeItem.folder_id == row.id))
+        row.checkpoint = None
+        i = recreated_issue
+        if moved:  # it starts over in the new target: what it copied was into another folder
+            row.copied = row.skipped = row.failed = row.bytes_copied = 0
+            i = IssueRecord(
+                source_name,
+                target_name,
+                "cible_changee",
+                f"dossier cible changé par le plan ({row.target_name} -> {target_name}): "
+                "présence relue dans la nouvelle cible",
+            )
+        session.add(BasculeIssue(job_id=job_id, folder=i.folder, item=i.item[:1000], kind=i.kind, detail=i.detail))
+    row.target_name = target_name
+    row.target_uidvalidity = uidvalidity
+    await session.flush()
+    settled = await _evidence_marker(session, job_id, target_name) is not None
+    if not settled and evidence is not None:
+        await _take_evidence(session, job_id, target_name, evidence)
+    last = await session.scalar(select(func.max(BasculeItem.target_uid)).where(BasculeItem.folder_id == row.id))
+    return PreparedFolder(row, moved or recreated, settled, int(last or 0))
 
 
 async def folders_of(sessions: Sessions, job_id: int) -> list[BasculeFolder]:
