@@ -80,6 +80,7 @@ class LeaseWatch:
     """What the background renewal learnt: ``lost`` once another process holds the job."""
 
     lost: bool = False
+    finished: bool = False  # set by the holder before it releases: a failed renewal is then expected
 
 
 @contextlib.asynccontextmanager
@@ -94,8 +95,9 @@ async def held(sessions: store.Sessions, job_id: int, worker: str, lease: dt.tim
             await asyncio.sleep(max(1.0, lease.total_seconds() / 3))
             try:
                 if not await store.renew_job(sessions, job_id, worker, lease):
-                    watch.lost = True
-                    log.warning("job %s: lease taken by another process or released; no more appends", job_id)
+                    if not watch.finished:
+                        watch.lost = True
+                        log.warning("job %s: lease taken by another process; no more appends", job_id)
                     return
             except Exception as exc:  # noqa: BLE001 - a database hiccup: try again at the next beat
                 log.warning("job %s: lease not renewed (%s); trying again", job_id, exc)

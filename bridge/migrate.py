@@ -632,6 +632,8 @@ async def _run_held(run: MailboxRun, settings: RunSettings, progress: Progress, 
             final = ended_state(job.state, folders, remarks)
             if rerun_digest is None:  # cannot show nothing moved (a verify may have rewound a checkpoint)
                 final = BasculeState.MIGREE
+            if run.lease is not None:
+                run.lease.finished = True
             await store.finish_job(
                 sessions,
                 job.id,
@@ -661,6 +663,8 @@ async def _run_held(run: MailboxRun, settings: RunSettings, progress: Progress, 
             log.exception("bascule of %s failed", job.mailbox)
             message, code = f"{job.mailbox}: erreur interne {type(exc).__name__}: {exc}", 1
         if not settings.dry_run and not isinstance(exc, LeaseLost):  # else the job is another's now
+            if run.lease is not None:
+                run.lease.finished = True
             with contextlib.suppress(LeaseLost):  # lost meanwhile: the holder decides its state
                 await store.finish_job(
                     sessions, job.id, settings.worker, state=BasculeState.EN_ERREUR, last_error=message

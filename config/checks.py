@@ -11,6 +11,7 @@ from balf.config.errors import ConfigError
 from balf.config.schema import Config
 
 MIN_SECRET_LENGTH = 16  # characters; `balf init` writes 32 random bytes
+MIN_LEASE_SECONDS = 3  # a bascule lease is renewed every third of it, at most once a second
 
 
 def check_config(config: Config, source: str) -> None:
@@ -23,6 +24,10 @@ def check_config(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: '{key}' is set but 'relay.tls' is \"none\": the relay login "
                           f"is only sent over TLS; set relay.tls to \"starttls\" or \"ssl\", "
                           f"or remove the credentials")
+    if config.bascule.lease_seconds < MIN_LEASE_SECONDS:
+        raise ConfigError(f"{source}: 'bascule.lease_seconds' must be at least {MIN_LEASE_SECONDS}, got "
+                          f"{config.bascule.lease_seconds} (a run renews its hold on a mailbox every third "
+                          f"of it; the default is 600)")
     secret = config.gateway.secret
     # Empty means "not configured yet": commands that do not run the gateway still work, and
     # the gateway refuses to start without one. A short secret is a mistake: refused here.
@@ -32,4 +37,4 @@ def check_config(config: Config, source: str) -> None:
                           f"the file or with BALF_GATEWAY__SECRET, or run `balf init`")
 
 
-__all__ = ["MIN_SECRET_LENGTH", "check_config"]
+__all__ = ["MIN_LEASE_SECONDS", "MIN_SECRET_LENGTH", "check_config"]

@@ -117,7 +117,11 @@ class BasculeConfig:
     batch_messages: int = key(200, "Messages read from the source and appended per batch (and per checkpoint).")
     batch_bytes: int = key(8388608, "Bytes per batch at most (a bigger message travels alone): with the batch read "
                            "ahead, bounds memory whatever the mailbox size.")
-    lease_seconds: int = key(600, "A worker's hold on a mailbox; after a crash another run may take it over once it expires.")
+    lease_seconds: int = key(
+        600,
+        "A worker's hold on a mailbox (at least 3), renewed every third of it while the worker "
+        "runs; after a crash another run may take it over once it expires.",
+    )
     report_dir: str = key("", "Where `balf bascule verify` and `report` write their files (empty: <data_dir>/bascule).")
 
 

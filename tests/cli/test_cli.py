@@ -33,6 +33,7 @@ def test_help_lists_the_command_groups() -> None:
     [
         ("[smtp]\nprot = 25\n", {}, "unknown key 'smtp.prot'"),
         ("[smtp]\nport = 'x'\n", {}, "'smtp.port' must be a whole number"),
+        ("[bascule]\nlease_seconds = 1\n", {}, "'bascule.lease_seconds' must be at least 3, got 1"),
         ("", {"BALF_DATABASE__AUTO_UPGRADE": "maybe"},
          "BALF_DATABASE__AUTO_UPGRADE: 'database.auto_upgrade' must be true or false"),
     ],
