@@ -194,8 +194,8 @@ class MailboxRun:
         self.recorded_folders: dict[str, BasculeFolder] = {}  # by source name, as the run started
         self.lease: LeaseWatch | None = None  # set while the job's lease is held (not for a dry run)
         # Folders found empty at the source, created in the target, whose rows wait for the end
-        # of the run: (source, target, UIDVALIDITY, issue if the target was recreated).
-        self.empty_folders: dict[str, tuple[str, str, int, IssueRecord]] = {}
+        # of the run: (source, target, UIDVALIDITY).
+        self.empty_folders: dict[str, tuple[str, str, int]] = {}
 
     async def source_state(self) -> bytes | None:
         """The source's part of the rerun digest (IMAP sources only; not for dry runs)."""
@@ -339,12 +339,6 @@ class MailboxRun:
                 # A folder this job never recorded: its target's evidence is almost surely still
                 # to take, so read it now (before any APPEND) and record it with the row.
                 listing = await asyncio.to_thread(primary.keys_after, name, 0, local_part_only=local)
-            recreated = IssueRecord(
-                plan.source.display,
-                name,
-                "uidvalidity_cible",
-                "le dossier cible a été recréé (UIDVALIDITY changé): présence relue dans la cible",
-            )
             if empty:
                 # Empty at the source when listed (IMAP STATUS; a file or DXL source may still
                 # have damage to report): the folder exists and is subscribed, and its row is
@@ -353,12 +347,12 @@ class MailboxRun:
                 # for a run that has something to append; a message that arrived since the
                 # listing changes the source's STATUS, so the next run (and its digest) sees it.
                 validity = selected["uidvalidity"]
-                self.empty_folders[plan.source.display] = (plan.source.display, name, validity, recreated)
+                self.empty_folders[plan.source.display] = (plan.source.display, name, validity)
                 return FolderOutcome(plan.source.display, name, created=created)
             # One transaction for the folder's row, its UIDVALIDITY (a recreated target folder
             # is learnt again from the target) and what the rest of the setup needs to know.
             prepared = await store.prepare_folder(
-                sessions, job.id, plan.source.display, name, selected["uidvalidity"], recreated, evidence=listing
+                sessions, job.id, plan.source.display, name, selected["uidvalidity"], evidence=listing
             )
             row = prepared.row
             permanent = selected["permanentflags"]

@@ -230,25 +230,24 @@ async def prepare_folder(
     source_name: str,
     target_name: str,
     uidvalidity: int,
-    recreated_issue: IssueRecord,
     evidence: Sequence[tuple[int, str, int]] | None = None,
 ) -> PreparedFolder:
     """Everything a run records and reads before copying into a folder it has just selected, in
     one transaction: the folder's row (created when missing), the target's UIDVALIDITY (a new
-    one drops the recorded target UIDs and the checkpoint, and adds ``recreated_issue``),
+    one drops the recorded target UIDs and the checkpoint, and says so in the report),
     whether the target folder's evidence is settled, and the last recorded target UID.
 
     ``evidence``, the target folder's listing read before any APPEND of this run, is taken as
     :func:`take_evidence` would when the evidence was not settled yet (``evidence_settled``
     then says False: the caller knows its listing was used)."""
     async with sessions() as session, session.begin():
-        return await _prepare(session, job_id, source_name, target_name, uidvalidity, recreated_issue, evidence)
+        return await _prepare(session, job_id, source_name, target_name, uidvalidity, evidence)
 
 
 async def prepare_folders(
-    sessions: Sessions, job_id: int, folders: Sequence[tuple[str, str, int, IssueRecord]]
+    sessions: Sessions, job_id: int, folders: Sequence[tuple[str, str, int]]
 ) -> list[PreparedFolder]:
-    """:func:`prepare_folder` for several folders (source, target, UIDVALIDITY, issue) in one
+    """:func:`prepare_folder` for several folders (source, target, UIDVALIDITY) in one
     transaction: the folders a run found empty at the source, recorded together at its end."""
     if not folders:
         return []
@@ -262,7 +261,6 @@ async def _prepare(
     source_name: str,
     target_name: str,
     uidvalidity: int,
-    recreated_issue: IssueRecord,
     evidence: Sequence[tuple[int, str, int]] | None = None,
 ) -> PreparedFolder:
     row = await session.scalar(
@@ -279,17 +277,17 @@ async def _prepare(
         # and learn presence from this one, even when its UIDVALIDITY happens to be the same.
         await session.execute(delete(BasculeItem).where(BasculeItem.folder_id == row.id))
         row.checkpoint = None
-        i = recreated_issue
         if moved:  # it starts over in the new target: what it copied was into another folder
             row.copied = row.skipped = row.failed = row.bytes_copied = 0
-            i = IssueRecord(
-                source_name,
-                target_name,
-                "cible_changee",
+            kind = "cible_changee"
+            detail = (
                 f"dossier cible changé par le plan ({row.target_name} -> {target_name}): "
-                "présence relue dans la nouvelle cible",
+                "présence relue dans la nouvelle cible"
             )
-        session.add(BasculeIssue(job_id=job_id, folder=i.folder, item=i.item[:1000], kind=i.kind, detail=i.detail))
+        else:
+            kind = "uidvalidity_cible"
+            detail = "le dossier cible a été recréé (UIDVALIDITY changé): présence relue dans la cible"
+        session.add(_issue_row(job_id, IssueRecord(source_name, target_name, kind, detail)))
     row.target_name = target_name
     row.target_uidvalidity = uidvalidity
     await session.flush()
@@ -444,10 +442,7 @@ async def record_batch(
     try:
         async with sessions() as session, session.begin():
             session.add_all(BasculeItem(folder_id=folder_id, dedup_key=k, target_uid=u, size=s) for k, u, s in items)
-            session.add_all(
-                BasculeIssue(job_id=job_id, folder=i.folder, item=i.item[:1000], kind=i.kind, detail=i.detail)
-                for i in issues
-            )
+            session.add_all(_issue_row(job_id, i) for i in issues)
             values: dict[str, Any] = {
                 "copied": BasculeFolder.copied + copied,
                 "skipped": BasculeFolder.skipped + skipped,
@@ -473,14 +468,17 @@ async def record_batch(
         raise TemporaryFailure(f"database error while recording a batch: {exc}") from exc
 
 
+def _issue_row(job_id: int, issue: IssueRecord) -> BasculeIssue:
+    return BasculeIssue(
+        job_id=job_id, folder=issue.folder, item=issue.item[:1000], kind=issue.kind, detail=issue.detail
+    )
+
+
 async def add_issues(sessions: Sessions, job_id: int, issues: Sequence[IssueRecord]) -> None:
     if not issues:
         return
     async with sessions() as session, session.begin():
-        session.add_all(
-            BasculeIssue(job_id=job_id, folder=i.folder, item=i.item[:1000], kind=i.kind, detail=i.detail)
-            for i in issues
-        )
+        session.add_all(_issue_row(job_id, i) for i in issues)
 
 
 async def replace_issues(sessions: Sessions, job_id: int, kinds: Sequence[str], issues: Sequence[IssueRecord]) -> None:
@@ -488,10 +486,7 @@ async def replace_issues(sessions: Sessions, job_id: int, kinds: Sequence[str], 
         await session.execute(
             delete(BasculeIssue).where(and_(BasculeIssue.job_id == job_id, BasculeIssue.kind.in_(kinds)))
         )
-        session.add_all(
-            BasculeIssue(job_id=job_id, folder=i.folder, item=i.item[:1000], kind=i.kind, detail=i.detail)
-            for i in issues
-        )
+        session.add_all(_issue_row(job_id, i) for i in issues)
 
 
 async def issues_of(sessions: Sessions, job_id: int) -> list[BasculeIssue]:

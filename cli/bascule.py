@@ -13,7 +13,6 @@ import click
 
 from balf.bridge.campaign import parse_campaign
 from balf.bridge.errors import BridgeError
-from balf.bridge.login import TargetAccess
 from balf.bridge.options import check_department
 from balf.cli import shortcut
 from balf.cli.context import fail, run_async, state
@@ -67,10 +66,6 @@ async def _with_db(config: Config, fn: Any, *args: Any) -> Any:
         return await fn(session_factory(engine), *args)
     finally:
         await engine.dispose()
-
-
-def _access(config: Config) -> TargetAccess:
-    return target_access(config)
 
 
 def _report_dir(config: Config, output: str | None) -> Path:
@@ -128,7 +123,7 @@ def run_command(
         from balf.bridge.quickrun import quick_rerun
 
         width = parallel or config.bascule.mailboxes_in_parallel
-        quick = quick_rerun(config.database_url, dept, mailboxes, again, _access(config), width)
+        quick = quick_rerun(config.database_url, dept, mailboxes, again, target_access(config), width)
         if quick is not None:  # nothing changed anywhere since the last run: nothing to copy
             for mailbox, mode in quick.notes:
                 click.echo(mode_line(mailbox, mode))
@@ -161,12 +156,17 @@ def run_command(
             jobs = [j for j in jobs if j.state is not BasculeState.VERIFIEE]
         if not jobs:
             fail(f"department {dept}: nothing to run (plan it with `balf bascule plan`)", 2)
-        notes = await settle_modes(sessions, jobs, timeout=_access(config).timeout, record=not dry_run)
+        notes = await settle_modes(sessions, jobs, timeout=target_access(config).timeout, record=not dry_run)
         undecided = {n.mailbox for n in notes if n.error}
         jobs = [j for j in jobs if j.mailbox not in undecided]
         outcomes = (
             await run_department(
-                sessions, jobs, settings, _access(config), parallel or config.bascule.mailboxes_in_parallel, progress
+                sessions,
+                jobs,
+                settings,
+                target_access(config),
+                parallel or config.bascule.mailboxes_in_parallel,
+                progress,
             )
             if jobs
             else []
@@ -334,13 +334,13 @@ def verify_command(ctx: click.Context, department: str, mailboxes: tuple[str, ..
         results: list[tuple[str, Any, str | None]] = []
         jobs = [j for j in await store.list_jobs(sessions, dept) if not mailboxes or j.mailbox in mailboxes]
         started = [j for j in jobs if j.state is not BasculeState.PLANIFIEE]
-        await settle_modes(sessions, started, timeout=_access(config).timeout, record=True)  # started: no probe
+        await settle_modes(sessions, started, timeout=target_access(config).timeout, record=True)  # started: no probe
         for job in jobs:
             if job.state is BasculeState.PLANIFIEE:
                 results.append((job.mailbox, None, "pas encore migrée"))
                 continue
             verdicts, error = await verify_job(
-                sessions, job.id, _access(config), lease=dt.timedelta(seconds=config.bascule.lease_seconds)
+                sessions, job.id, target_access(config), lease=dt.timedelta(seconds=config.bascule.lease_seconds)
             )
             results.append((job.mailbox, verdicts, error))
         return results, await _snapshots(sessions, dept, mailboxes)

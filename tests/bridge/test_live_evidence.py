@@ -230,12 +230,11 @@ async def test_a_folder_mapped_to_another_target_forgets_what_it_recorded(db_url
     kept its records and checkpoint and nothing was copied into the new target."""
     engine = create_engine(db_url)
     sessions = session_factory(engine)
-    issue = IssueRecord("Contentieux", "Contentieux", "uidvalidity_cible", "recréé")
     try:
         await store.plan_department(sessions, "33", [PlannedMailbox("moved", "imap://balf@src33", "m.1", None, {})])
         (job,) = await store.list_jobs(sessions, "33")
         assert await store.claim_job(sessions, job.id, "w", dt.timedelta(minutes=5))
-        first = await store.prepare_folder(sessions, job.id, "Contentieux", "Contentieux", 1, issue, evidence=[])
+        first = await store.prepare_folder(sessions, job.id, "Contentieux", "Contentieux", 1, evidence=[])
         assert not first.evidence_settled and first.last_target_uid == 0
         await store.record_batch(
             sessions,
@@ -249,14 +248,14 @@ async def test_a_folder_mapped_to_another_target_forgets_what_it_recorded(db_url
             worker="w",
             lease=dt.timedelta(minutes=5),
         )
-        same = await store.prepare_folder(sessions, job.id, "Contentieux", "Contentieux", 1, issue)
+        same = await store.prepare_folder(sessions, job.id, "Contentieux", "Contentieux", 1)
         assert same.last_target_uid == 7 and same.row.checkpoint == "1:7" and not same.recreated
 
         # A dry run of the new plan writes nothing and sees the folder as starting over.
         dry = await store.folder_row(sessions, job.id, "Contentieux", "Archives/Contentieux", create=False)
         assert dry.id == -1 and dry.checkpoint is None
 
-        moved = await store.prepare_folder(sessions, job.id, "Contentieux", "Archives/Contentieux", 1, issue)
+        moved = await store.prepare_folder(sessions, job.id, "Contentieux", "Archives/Contentieux", 1)
         assert moved.recreated and moved.last_target_uid == 0 and moved.row.checkpoint is None
         assert moved.row.target_name == "Archives/Contentieux"
         assert await store.known_keys(sessions, moved.row.id, ["m:c-1@example.org"]) == set()
